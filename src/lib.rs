@@ -1,0 +1,18 @@
+//! sluice: a transaction switch for consumer lenders.
+//!
+//! Lender systems keep persistent TCP connections and send fixed-length, MAC-signed binary
+//! frames (`protocol/SPEC.md`): sign a card for agreement payment, debit by agreement,
+//! pay out to a card, query, and receive results.
+//!
+//! # Layout
+//! Dependencies point down this list only; nothing below `server`/`upstream` does I/O.
+//! - [`wire`]: fixed-width fields, the frame header, the tokio-util codec.
+//! - [`message`]: typed lender messages, their layouts, status and reason codes.
+//! - [`crypto`]: HMAC-SHA256 merchant keys (key store, rotation), Ed25519 identities.
+//! - [`limits`]: every bound, with its reason.
+#![warn(missing_docs)]
+
+pub mod crypto;
+pub mod limits;
+pub mod message;
+pub mod wire;
