@@ -12,6 +12,7 @@
 //! - [`limits`]: every bound, with its reason.
 #![warn(missing_docs)]
 
+pub mod channel;
 pub mod crypto;
 pub mod limits;
 pub mod message;

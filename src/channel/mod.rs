@@ -1,0 +1,1 @@
+//! The link between sluice and an upstream payment channel (`protocol/CHANNEL.md`).
