@@ -5,6 +5,8 @@
 //! structs, their encoders and decoders, the fixed frame lengths and the layout tables
 //! that `protocol/SPEC.md` prints (checked by `tests/spec_tables.rs`) all come from it.
 
+pub mod examples;
+pub mod inbound;
 pub mod types;
 
 use bytes::BytesMut;

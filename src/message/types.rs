@@ -208,7 +208,7 @@ impl Outcome {
 
 impl Field for Outcome {
     const SIZE: usize = 16;
-    const KIND: &'static str = "result block (§5)";
+    const KIND: &'static str = "result block (§3.3)";
     fn put(&self, out: &mut BytesMut) {
         out.put_u8(self.status as u8);
         out.put_u8(0);
@@ -328,7 +328,7 @@ pub struct Fen(pub u64);
 
 impl Field for Fen {
     const SIZE: usize = 8;
-    const KIND: &'static str = "u64 BE fen";
+    const KIND: &'static str = "u64 BE fen, > 0";
     fn put(&self, out: &mut BytesMut) {
         out.put_u64(self.0);
     }
@@ -461,7 +461,7 @@ pii_field!(
 pii_field!(
     /// Bank-reserved mobile phone: 11 digits starting with 1. Masked `138****5678`.
     Phone(Digits<11>),
-    "ASCII digits",
+    "ASCII digits, 11, leading 1",
     |d| {
         let b = d.as_bytes();
         if b.is_empty() {
@@ -478,7 +478,7 @@ pii_field!(
 pii_field!(
     /// Card holder's name, UTF-8, 64 bytes (21 Chinese characters). Masked `张*`.
     Name(Text<64>),
-    "UTF-8 text",
+    "UTF-8 text, non-empty",
     |d| {
         if d.is_empty() {
             Err(FieldProblem::Empty)

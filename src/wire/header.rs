@@ -38,9 +38,9 @@ pub mod header_field {
     /// `flags` has unknown bits set.
     pub const FLAGS: u16 = 105;
     /// `reserved` bytes are not zero.
-    pub const RESERVED: u16 = 108;
+    pub const RESERVED: u16 = 109;
     /// `merchant_no` is not zero-padded printable ASCII, or is empty.
-    pub const MERCHANT_NO: u16 = 109;
+    pub const MERCHANT_NO: u16 = 110;
 }
 
 /// A merchant number (商户号): printable ASCII, at most 16 bytes.

@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# The test command (README "Run the tests"): format check, clippy with warnings as
+# errors, then every test of the workspace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets -- -D warnings
+cargo test --workspace
