@@ -62,7 +62,15 @@ fn luhn_card() -> impl Strategy<Value = Vec<u8>> {
 
 fn utf8(max_bytes: usize, min_chars: usize) -> impl Strategy<Value = Vec<u8>> {
     proptest::collection::vec(
-        prop_oneof![Just('张'), Just('欧'), Just('阳'), Just('a'), Just('Z'), Just('·'), Just(' ')],
+        prop_oneof![
+            Just('张'),
+            Just('欧'),
+            Just('阳'),
+            Just('a'),
+            Just('Z'),
+            Just('·'),
+            Just(' ')
+        ],
         min_chars..=max_bytes,
     )
     .prop_map(move |cs| {
@@ -208,7 +216,10 @@ fn frames_split_across_reads_and_batched_in_one_read() {
 fn short_frame_waits_for_more() {
     let f = example(0x20);
     for n in 0..f.len() {
-        assert!(LenderCodec::decode_slice(&f[..n]).unwrap().is_none(), "{n} bytes");
+        assert!(
+            LenderCodec::decode_slice(&f[..n]).unwrap().is_none(),
+            "{n} bytes"
+        );
     }
 }
 
@@ -238,7 +249,10 @@ fn oversize_and_undersize_lengths_lose_framing() {
         let mut f = example(0x20);
         f[4..6].copy_from_slice(&len.to_be_bytes());
         assert!(
-            matches!(LenderCodec::decode_slice(&f), Err(FramingError::BadLength(_))),
+            matches!(
+                LenderCodec::decode_slice(&f),
+                Err(FramingError::BadLength(_))
+            ),
             "length {len}"
         );
     }
@@ -272,7 +286,10 @@ fn unknown_type_and_version_and_header_fields() {
     let mut f = example(0x03);
     f[7] = 0x02; // unknown flag bit
     let r = refuse(&f);
-    assert_eq!((r.outcome.reason, r.outcome.field), (Reason::MALFORMED_FIELD, 105));
+    assert_eq!(
+        (r.outcome.reason, r.outcome.field),
+        (Reason::MALFORMED_FIELD, 105)
+    );
     let mut f = example(0x03);
     f[30] = 1; // reserved
     assert_eq!(refuse(&f).outcome.field, 109);
@@ -287,7 +304,10 @@ fn bad_mac_and_unknown_key() {
     let n = f.len();
     f[n - 1] ^= 1;
     let r = refuse(&f);
-    assert_eq!((r.outcome.status, r.outcome.reason), (Status::Rejected, Reason::BAD_MAC));
+    assert_eq!(
+        (r.outcome.status, r.outcome.reason),
+        (Status::Rejected, Reason::BAD_MAC)
+    );
     assert!(!r.authenticated);
     let mut f = example(0x20);
     f[24..26].copy_from_slice(&9u16.to_be_bytes());
@@ -323,12 +343,14 @@ fn malformed_body_fields_name_the_field() {
     expect_malformed(0x10, 126, &[0xff, 0xfe], 6); // bad UTF-8 name
     expect_malformed(0x10, 126, &[0], 6); // empty name
     expect_malformed(0x10, 190, b"2", 7); // phone not starting with 1
+
     // DEBIT_REQ: order_id 48..80, agreement_id 80..88, amount 88..96, currency 96..99.
     expect_malformed(0x20, 48, &[0], 1); // empty order id
     expect_malformed(0x20, 80, &[0; 8], 2); // agreement id 0
     expect_malformed(0x20, 88, &[0; 8], 3); // amount 0
     expect_malformed(0x20, 96, b"USD", 4); // currency
     expect_malformed(0x20, 99, b"a\0b", 5); // interior zero in purpose
+
     // BIND_CONFIRM_REQ: sms code 56..64 with 3 digits only.
     expect_malformed(0x11, 56, b"123\0\0\0\0\0", 2);
 }

@@ -9,7 +9,11 @@ use sluice::message::{examples, inbound, LenderCodec};
 use tokio_util::codec::Decoder;
 
 fuzz_target!(|data: &[u8]| {
-    let keys = KeyStore::new(single_key(examples::MERCHANT, examples::KEY_ID, &examples::SECRET));
+    let keys = KeyStore::new(single_key(
+        examples::MERCHANT,
+        examples::KEY_ID,
+        &examples::SECRET,
+    ));
     let mut buf = BytesMut::from(data);
     let mut codec = LenderCodec::new();
     // Several frames per input; stop at lost framing like the session does.
