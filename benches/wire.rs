@@ -75,7 +75,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| black_box(id.sign(black_box(&frame))))
     });
     g.bench_function("verify_debit_frame", |b| {
-        b.iter(|| black_box(ed25519_verify(&pk, black_box(&frame), &sig).unwrap()))
+        b.iter(|| black_box(ed25519_verify(&pk, black_box(&frame), &sig)).unwrap())
     });
     g.finish();
 }
