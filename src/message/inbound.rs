@@ -75,14 +75,13 @@ pub fn accept(item: Inbound, keys: &KeyStore) -> Result<Verified, Refusal> {
         outcome: reject_outcome(kind),
         authenticated: false,
     })?;
-    let envelope = Header::envelope(&frame.bytes);
     let key = keys.verify_frame(&frame).map_err(|e| Refusal {
-        envelope,
+        envelope: Header::envelope(&frame.bytes),
         outcome: mac_outcome(e),
         authenticated: false,
     })?;
     let msg = decode(&frame).map_err(|m| Refusal {
-        envelope,
+        envelope: Header::envelope(&frame.bytes),
         outcome: malformed_outcome(&m),
         authenticated: true,
     })?;

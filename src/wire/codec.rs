@@ -148,8 +148,12 @@ impl<P: FrameKind> Decoder for FrameCodec<P> {
             return Ok(None);
         }
         let bytes = src.split_to(len).freeze();
-        let envelope = Header::envelope(&bytes);
-        let reject = |kind| Ok(Some(Err(FrameReject { envelope, kind })));
+        let reject = |kind| {
+            Ok(Some(Err(FrameReject {
+                envelope: Header::envelope(&bytes),
+                kind,
+            })))
+        };
         if bytes[2] != VERSION {
             return reject(RejectKind::BadVersion);
         }
