@@ -10,10 +10,15 @@
 //! - [`message`]: typed lender messages, their layouts, status and reason codes.
 //! - [`crypto`]: HMAC-SHA256 merchant keys (key store, rotation), Ed25519 identities.
 //! - [`limits`]: every bound, with its reason.
+//! - [`channel`]: the upstream channel link: layouts, response classes, session MAC, logon.
+//! - [`sim`]: the bundled channel simulator (agreements, ledger, injected faults), in-process.
+//! - [`upstream`]: per-channel pools of persistent, pipelined, authenticated connections.
 #![warn(missing_docs)]
 
 pub mod channel;
 pub mod crypto;
 pub mod limits;
 pub mod message;
+pub mod sim;
+pub mod upstream;
 pub mod wire;
