@@ -138,6 +138,11 @@ impl KeyStore {
         self.keys.load().get(&(*merchant, key_id)).cloned()
     }
 
+    /// The current key set.
+    pub fn snapshot(&self) -> Arc<KeyMap> {
+        self.keys.load_full()
+    }
+
     /// Number of keys held.
     pub fn len(&self) -> usize {
         self.keys.load().len()

@@ -15,10 +15,16 @@
 //! - [`upstream`]: per-channel pools of persistent, pipelined, authenticated connections.
 #![warn(missing_docs)]
 
+pub mod app;
 pub mod channel;
+pub mod client;
 pub mod crypto;
+pub mod engine;
 pub mod limits;
 pub mod message;
+pub mod metrics;
+pub mod run;
+pub mod server;
 pub mod sim;
 pub mod upstream;
 pub mod wire;

@@ -166,7 +166,7 @@ pub fn all() -> Vec<Message> {
         .into(),
         DebitRsp {
             result: Outcome::new(Status::Pending, Reason::OK),
-            order_id: order(),
+            order_id: order().0,
             channel: chan(),
         }
         .into(),
@@ -183,7 +183,7 @@ pub fn all() -> Vec<Message> {
         .into(),
         PayoutRsp {
             result: ok(),
-            order_id: OrderId::new("PAY20261123000001").expect("valid"),
+            order_id: Ascii::new("PAY20261123000001").expect("valid"),
             channel: chan(),
         }
         .into(),
@@ -195,7 +195,7 @@ pub fn all() -> Vec<Message> {
                 field: 0,
                 channel_code: Ascii::new("1001").expect("valid"),
             },
-            order_id: order(),
+            order_id: order().0,
             order_type: OrderType::Debit as u8,
             amount: 150_000,
             channel: chan(),

@@ -322,7 +322,7 @@ crate::wire::layout::messages! {
         /// Result: SUCCESS / FAILED final, PENDING (notification follows), REJECTED, BUSY.
         result: Outcome,
         /// Echo of the order id.
-        order_id: OrderId,
+        order_id: Ascii<32>,
         /// Channel used (empty if none).
         channel: ChannelId,
     }
@@ -350,7 +350,7 @@ crate::wire::layout::messages! {
         /// Result.
         result: Outcome,
         /// Echo of the order id.
-        order_id: OrderId,
+        order_id: Ascii<32>,
         /// Channel used (empty if none).
         channel: ChannelId,
     }
@@ -364,7 +364,7 @@ crate::wire::layout::messages! {
         /// The order's status and reason (REJECTED + UNKNOWN_ORDER when unknown).
         result: Outcome,
         /// Echo of the order id.
-        order_id: OrderId,
+        order_id: Ascii<32>,
         /// 1 debit, 2 payout; 0 when unknown.
         order_type: u8,
         /// Amount in fen; 0 when unknown.
@@ -481,6 +481,121 @@ impl EncodeFrame for Outgoing {
     fn encode_frame(&self, dst: &mut BytesMut) {
         encode(&self.env, &self.msg, self.key.as_deref(), dst)
     }
+}
+
+/// The response type's body for a request that is refused before it is processed
+/// (malformed field, session rules, BUSY): the result block says why, every other field
+/// is zero or empty. `None` for message types that have no response (ECHO_RSP,
+/// NOTIFY_ACK, responses, REJECT): those are answered with a REJECT.
+pub fn refusal(request_code: u8, result: Outcome) -> Option<Message> {
+    let a8 = Ascii::<8>::empty;
+    Some(match request_code {
+        LogonReq::CODE => LogonRsp {
+            result,
+            session_id: 0,
+            heartbeat_s: 0,
+            idle_timeout_s: 0,
+            replay_window_s: 0,
+            inflight_max: 0,
+        }
+        .into(),
+        LogoffReq::CODE => LogoffRsp { result }.into(),
+        PreBindReq::CODE => PreBindRsp {
+            result,
+            bind_ref: 0,
+            agreement_id: 0,
+        }
+        .into(),
+        BindConfirmReq::CODE => BindConfirmRsp {
+            result,
+            agreement_id: 0,
+            channel: a8(),
+        }
+        .into(),
+        SignAndPayReq::CODE => SignAndPayRsp {
+            result,
+            bind_ref: 0,
+            agreement_id: 0,
+        }
+        .into(),
+        AgreementQueryReq::CODE => AgreementQueryRsp {
+            result,
+            agreement_id: 0,
+            state: 0,
+            card_type: 0,
+            bank_code: a8(),
+            card_last4: Digits::empty(),
+            primary_channel: a8(),
+            backup_channel: a8(),
+        }
+        .into(),
+        AgreementCancelReq::CODE => AgreementCancelRsp {
+            result,
+            agreement_id: 0,
+        }
+        .into(),
+        DebitReq::CODE => DebitRsp {
+            result,
+            order_id: Ascii::empty(),
+            channel: a8(),
+        }
+        .into(),
+        PayoutReq::CODE => PayoutRsp {
+            result,
+            order_id: Ascii::empty(),
+            channel: a8(),
+        }
+        .into(),
+        OrderQueryReq::CODE => OrderQueryRsp {
+            result,
+            order_id: Ascii::empty(),
+            order_type: 0,
+            amount: 0,
+            channel: a8(),
+            attempts: 0,
+            accepted_at_ms: 0,
+            finished_at_ms: 0,
+        }
+        .into(),
+        _ => return None,
+    })
+}
+
+/// A REJECT for a frame of type `rejected_type`.
+pub fn reject(rejected_type: u8, result: Outcome, detail: &str) -> Message {
+    let mut d = String::new();
+    for c in detail.chars().filter(|c| (' '..='~').contains(c)) {
+        if d.len() == 64 {
+            break;
+        }
+        d.push(c);
+    }
+    Reject {
+        result,
+        rejected_type,
+        detail: Ascii::new(&d).unwrap_or_default(),
+    }
+    .into()
+}
+
+/// True for message types a lender may send to the switch.
+pub fn is_lender_request(code: u8) -> bool {
+    matches!(
+        code,
+        LogonReq::CODE
+            | LogoffReq::CODE
+            | EchoReq::CODE
+            | EchoRsp::CODE
+            | PreBindReq::CODE
+            | BindConfirmReq::CODE
+            | SignAndPayReq::CODE
+            | AgreementQueryReq::CODE
+            | AgreementCancelReq::CODE
+            | DebitReq::CODE
+            | PayoutReq::CODE
+            | OrderQueryReq::CODE
+            | NotifyAck::CODE
+    )
 }
 
 #[cfg(test)]

@@ -1,0 +1,134 @@
+//! Latency histograms (hdrhistogram) and counters.
+//!
+//! Lender latency is recorded per request message type, from the moment the frame was
+//! decoded to the moment its response was written to the socket buffer. Upstream round
+//! trips are recorded per channel. A histogram is a `Mutex<Histogram>`: recording costs
+//! one uncontended lock and an array increment (see `benches/engine.rs`).
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use dashmap::DashMap;
+use hdrhistogram::Histogram;
+
+use crate::message::{ChannelId, CATALOGUE};
+
+/// Highest latency tracked, microseconds (60 s); slower is clamped into the top bucket.
+const LATENCY_US_MAX: u64 = 60_000_000;
+
+fn histogram() -> Histogram<u64> {
+    Histogram::new_with_bounds(1, LATENCY_US_MAX, 3).expect("valid bounds")
+}
+
+/// Summary of one histogram.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Summary {
+    /// Samples.
+    pub count: u64,
+    /// Median, µs.
+    pub p50_us: u64,
+    /// 99th percentile, µs.
+    pub p99_us: u64,
+    /// 99.9th percentile, µs.
+    pub p999_us: u64,
+    /// Maximum, µs.
+    pub max_us: u64,
+}
+
+fn summarize(h: &Histogram<u64>) -> Summary {
+    Summary {
+        count: h.len(),
+        p50_us: h.value_at_quantile(0.5),
+        p99_us: h.value_at_quantile(0.99),
+        p999_us: h.value_at_quantile(0.999),
+        max_us: h.max(),
+    }
+}
+
+/// Counters of refusals and overload.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Requests answered BUSY.
+    pub busy: AtomicU64,
+    /// Frames refused for a bad MAC or unknown key.
+    pub bad_mac: AtomicU64,
+    /// Frames refused for framing, length, type, version or header fields.
+    pub malformed: AtomicU64,
+    /// Requests refused by session rules (logon, merchant, timestamp, request id).
+    pub session_refused: AtomicU64,
+    /// Connections refused at the connection limit.
+    pub connections_refused: AtomicU64,
+    /// Connections accepted.
+    pub connections: AtomicU64,
+}
+
+/// All metrics of a running switch.
+pub struct Metrics {
+    lender: Vec<(u8, Mutex<Histogram<u64>>)>,
+    upstream: DashMap<ChannelId, Mutex<Histogram<u64>>>,
+    /// Counters.
+    pub counters: Counters,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            lender: CATALOGUE
+                .iter()
+                .filter(|(c, ..)| crate::message::is_lender_request(*c))
+                .map(|(c, ..)| (*c, Mutex::new(histogram())))
+                .collect(),
+            upstream: DashMap::new(),
+            counters: Counters::default(),
+        }
+    }
+}
+
+impl Metrics {
+    /// Record a lender request's latency.
+    pub fn record_lender(&self, code: u8, us: u64) {
+        if let Some((_, h)) = self.lender.iter().find(|(c, _)| *c == code) {
+            h.lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .saturating_record(us.max(1));
+        }
+    }
+
+    /// Record an upstream round trip.
+    pub fn record_upstream(&self, channel: &ChannelId, us: u64) {
+        self.upstream
+            .entry(*channel)
+            .or_insert_with(|| Mutex::new(histogram()))
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .saturating_record(us.max(1));
+    }
+
+    /// Per lender request type: (wire name, summary), types with samples only.
+    pub fn lender_summary(&self) -> Vec<(&'static str, Summary)> {
+        self.lender
+            .iter()
+            .filter_map(|(c, h)| {
+                let h = h.lock().unwrap_or_else(|p| p.into_inner());
+                let name = CATALOGUE.iter().find(|x| x.0 == *c).map(|x| x.1)?;
+                (!h.is_empty()).then(|| (name, summarize(&h)))
+            })
+            .collect()
+    }
+
+    /// Per channel: (channel, summary).
+    pub fn upstream_summary(&self) -> Vec<(ChannelId, Summary)> {
+        self.upstream
+            .iter()
+            .map(|e| {
+                let h = e.value().lock().unwrap_or_else(|p| p.into_inner());
+                (*e.key(), summarize(&h))
+            })
+            .collect()
+    }
+
+    /// Increment a counter.
+    pub fn inc(c: &AtomicU64) {
+        c.fetch_add(1, Ordering::Relaxed);
+    }
+}

@@ -1,0 +1,199 @@
+//! Wiring: start a switch (listener, engine, channel pools, background loops) from a
+//! [`SwitchConfig`], and stop it.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::app::{now_ms, JournalSink, Switch, Upstream};
+use crate::channel::message as ch;
+use crate::crypto::{Identity, KeyStore};
+use crate::engine::{ChannelConfig, ChannelTable, DispatchResult, Engine, EngineConfig};
+use crate::limits;
+use crate::message::ChannelId;
+use crate::metrics::Metrics;
+use crate::server::hub::Hub;
+use crate::server::replay::ReplayGuard;
+use crate::server::session::SessionConfig;
+use crate::upstream::{CallError, ChannelPool, PoolConfig, Unsolicited};
+
+/// One upstream channel: routing settings and where to reach it.
+#[derive(Debug, Clone)]
+pub struct ChannelSetup {
+    /// Routing settings (id, products, banks, card types, enabled).
+    pub route: ChannelConfig,
+    /// Connection settings.
+    pub pool: PoolConfig,
+    /// The channel's Ed25519 public key.
+    pub public_key: [u8; 32],
+}
+
+/// Everything needed to start a switch.
+pub struct SwitchConfig {
+    /// Lender listener address.
+    pub listen: SocketAddr,
+    /// Channels in priority order.
+    pub channels: Vec<ChannelSetup>,
+    /// Merchant keys.
+    pub keys: Arc<KeyStore>,
+    /// The switch's Ed25519 identity for channel logons.
+    pub identity: Arc<Identity>,
+    /// Secret for the keyed hashes of card and ID numbers.
+    pub pii_secret: Vec<u8>,
+    /// Engine settings.
+    pub engine: EngineConfig,
+    /// Session settings.
+    pub session: SessionConfig,
+    /// Lender connection limit.
+    pub connections_max: usize,
+    /// Deadline of one channel request.
+    pub channel_deadline: Duration,
+    /// Journal.
+    pub journal: Arc<dyn JournalSink>,
+}
+
+/// The channel pools as the engine's [`Upstream`].
+pub struct Pools {
+    pools: HashMap<ChannelId, ChannelPool>,
+    deadline: Duration,
+}
+
+impl Upstream for Pools {
+    fn call(&self, channel: ChannelId, msg: ch::Message) -> BoxFuture<'static, DispatchResult> {
+        let pool = self.pools.get(&channel).cloned();
+        let deadline = self.deadline;
+        Box::pin(async move {
+            let Some(pool) = pool else {
+                return DispatchResult::NotSent;
+            };
+            match pool.call(msg, deadline).await {
+                Ok(m) => DispatchResult::Answer(m),
+                Err(CallError::NotSent(_)) => DispatchResult::NotSent,
+                Err(CallError::Unknown(_)) => DispatchResult::Unknown,
+            }
+        })
+    }
+}
+
+/// A running switch.
+pub struct Running {
+    /// The lender listener's address.
+    pub addr: SocketAddr,
+    /// Shared state (engine, metrics …).
+    pub switch: Arc<Switch>,
+    /// Channel pools by id.
+    pub pools: HashMap<ChannelId, ChannelPool>,
+    listener_tracker: TaskTracker,
+    stop: CancellationToken,
+}
+
+impl Running {
+    /// Wait until every channel pool has at least one logged-on connection (or `wait`
+    /// passes). Returns true when all are ready.
+    pub async fn wait_channels(&self, wait: Duration) -> bool {
+        let all = async {
+            for p in self.pools.values() {
+                p.wait_ready(1).await;
+            }
+        };
+        tokio::time::timeout(wait, all).await.is_ok()
+    }
+
+    /// Stop accepting, let sessions end, stop background loops and close upstreams.
+    pub async fn shutdown(self, grace: Duration) {
+        self.stop.cancel();
+        self.listener_tracker.close();
+        let _ = tokio::time::timeout(grace, self.listener_tracker.wait()).await;
+        self.switch.shutdown.cancel();
+        self.switch.tracker.close();
+        let _ = tokio::time::timeout(grace, self.switch.tracker.wait()).await;
+        for p in self.pools.values() {
+            p.shutdown().await;
+        }
+    }
+}
+
+/// Start a switch.
+pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
+    let listener = TcpListener::bind(cfg.listen).await?;
+    let addr = listener.local_addr()?;
+    let table = ChannelTable {
+        channels: cfg.channels.iter().map(|c| c.route.clone()).collect(),
+    };
+    let engine = Arc::new(Engine::new(
+        cfg.engine,
+        table,
+        &cfg.pii_secret,
+        now_ms().saturating_mul(1000),
+    ));
+    let (u_tx, u_rx) = mpsc::channel::<(ChannelId, ch::Message, Option<crate::upstream::Ack>)>(
+        limits::WRITE_QUEUE_FRAMES,
+    );
+    let mut pools = HashMap::new();
+    let background = TaskTracker::new();
+    for c in &cfg.channels {
+        let (tx, mut rx) = mpsc::channel::<Unsolicited>(limits::WRITE_QUEUE_FRAMES);
+        let mut pc = c.pool.clone();
+        pc.channel = c.route.id.as_str().to_string();
+        let pool = ChannelPool::start(pc, cfg.identity.clone(), c.public_key, tx);
+        pools.insert(c.route.id, pool);
+        let id = c.route.id;
+        let fwd = u_tx.clone();
+        background.spawn(async move {
+            while let Some(u) = rx.recv().await {
+                let item = match u {
+                    Unsolicited::Notification { notify, ack } => (id, notify.into(), Some(ack)),
+                    Unsolicited::Revocation { revoke, ack } => (id, revoke.into(), Some(ack)),
+                    Unsolicited::LateReply { message, .. } => (id, message, None),
+                };
+                if fwd.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+    drop(u_tx);
+    let switch = Arc::new(Switch {
+        engine,
+        keys: cfg.keys,
+        replay: ReplayGuard::new(
+            cfg.session.replay_window_s as u64 * 1000,
+            limits::REPLAY_IDS_PER_MERCHANT_MAX,
+        ),
+        hub: Hub::default(),
+        metrics: Arc::new(Metrics::default()),
+        session_cfg: cfg.session,
+        upstream: Arc::new(Pools {
+            pools: pools.clone(),
+            deadline: cfg.channel_deadline,
+        }),
+        journal: cfg.journal,
+        shutdown: CancellationToken::new(),
+        tracker: background,
+    });
+    switch.start_background(u_rx);
+    let stop = CancellationToken::new();
+    let listener_tracker = TaskTracker::new();
+    let t = listener_tracker.clone();
+    listener_tracker.spawn(crate::server::serve(
+        listener,
+        switch.clone(),
+        cfg.connections_max.min(limits::CONNECTIONS_MAX),
+        stop.clone(),
+        t,
+    ));
+    Ok(Running {
+        addr,
+        switch,
+        pools,
+        listener_tracker,
+        stop,
+    })
+}

@@ -1,0 +1,466 @@
+//! The payment paths end to end through real TCP: lender client → switch → simulated
+//! channels. Money-safety claims are checked against the simulators' ledgers (the
+//! oracle), not against the switch's own records.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use sluice::message::{self as lm, Message, Reason, Status};
+use sluice::sim::{EntryState, Latency};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+fn limit<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
+    tokio::time::timeout(Duration::from_secs(60), f)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_debit_notify() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let agreement = bed.sign(&c, CARD, PHONE).await;
+        assert_ne!(agreement, 0);
+
+        let r = c.call(debit("D-1", agreement, 12_345)).await.unwrap();
+        let Message::DebitRsp(d) = &r.msg else {
+            panic!("{r:?}")
+        };
+        assert_eq!(d.result.status, Status::Success, "{d:?}");
+        assert_eq!(d.channel.as_str(), "CHA");
+
+        let n = c.next_notification(WAIT).await.expect("one notification");
+        assert_eq!(n.order_id.as_str(), "D-1");
+        assert_eq!(n.result.status, Status::Success);
+        assert_eq!(n.amount, 12_345);
+        assert!(
+            c.next_notification(Duration::from_millis(1500))
+                .await
+                .is_none(),
+            "exactly one notification"
+        );
+
+        let ledger = bed.ledger();
+        assert_eq!(ledger.len(), 1);
+        assert_eq!(ledger[0].0, "CHA");
+        assert_eq!(ledger[0].1.amount_fen, 12_345);
+        assert!(matches!(
+            ledger[0].1.state,
+            EntryState::Final {
+                code: sluice::channel::Code::OK,
+                ..
+            }
+        ));
+        assert_eq!(bed.duplicates(), 0);
+
+        let q = c
+            .call(lm::OrderQueryReq {
+                order_id: lm::OrderId::new("D-1").unwrap(),
+            })
+            .await
+            .unwrap();
+        let Message::OrderQueryRsp(q) = q.msg else {
+            panic!()
+        };
+        assert_eq!(
+            (q.result.status, q.amount, q.attempts),
+            (Status::Success, 12_345, 1)
+        );
+        bed.switch.shutdown(Duration::from_secs(2)).await;
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn payout_pays_the_card_once() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let req = lm::PayoutReq {
+            order_id: lm::OrderId::new("P-1").unwrap(),
+            amount: lm::Fen(500_000),
+            currency: lm::Currency,
+            card_type: lm::CardType::Debit,
+            bank_code: lm::BankCode::new("ICBC").unwrap(),
+            card_no: lm::CardNo::new(CARD).unwrap(),
+            name: lm::Name::new("李四").unwrap(),
+            purpose: lm::Purpose::new("借款发放").unwrap(),
+        };
+        let before = bed.sim("CHA").payout_balance_fen();
+        let r = c.call(req.clone()).await.unwrap();
+        assert_eq!(status(&r), Status::Success, "{r:?}");
+        let again = c.call(req).await.unwrap();
+        assert_eq!(result(&again).reason, Reason::DUPLICATE_ORDER);
+        assert_eq!(status(&again), Status::Success);
+        assert_eq!(bed.ledger().len(), 1);
+        assert_eq!(bed.sim("CHA").payout_balance_fen(), before - 500_000);
+        let n = c.next_notification(WAIT).await.unwrap();
+        assert_eq!(n.order_type, lm::OrderType::Payout as u8);
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn re_sign_returns_the_existing_agreement_without_sms() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let first = bed.sign(&c, CARD, PHONE).await;
+        let sms = bed.sms_count();
+        let r = c.call(prebind(CARD, PHONE)).await.unwrap();
+        let Message::PreBindRsp(p) = r.msg else {
+            panic!()
+        };
+        assert_eq!(
+            (p.result.status, p.result.reason),
+            (Status::Success, Reason::ALREADY_SIGNED)
+        );
+        assert_eq!(p.agreement_id, first);
+        assert_eq!(bed.sms_count(), sms, "no SMS on re-sign");
+        let q = c
+            .call(lm::AgreementQueryReq {
+                agreement_id: lm::AgreementId(first),
+            })
+            .await
+            .unwrap();
+        let Message::AgreementQueryRsp(q) = q.msg else {
+            panic!()
+        };
+        assert_eq!(q.state, lm::AgreementState::Active as u8);
+        assert_eq!(q.card_last4.as_str(), "0128");
+        assert_eq!(q.primary_channel.as_str(), "CHA");
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sign_and_pay_signs_then_debits_once() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let req = lm::SignAndPayReq {
+            user_id: lm::UserId::new("U9").unwrap(),
+            card_type: lm::CardType::Debit,
+            bank_code: lm::BankCode::new("ICBC").unwrap(),
+            card_no: lm::CardNo::new(CARD).unwrap(),
+            id_no: lm::IdNo::new(ID_NO).unwrap(),
+            name: lm::Name::new("张三").unwrap(),
+            phone: lm::Phone::new(PHONE).unwrap(),
+            order_id: lm::OrderId::new("SP-1").unwrap(),
+            amount: lm::Fen(777),
+            currency: lm::Currency,
+            purpose: lm::Purpose::new("首期").unwrap(),
+        };
+        let r = c.call(req.clone()).await.unwrap();
+        let Message::SignAndPayRsp(s) = r.msg else {
+            panic!()
+        };
+        assert_eq!(s.result.status, Status::Pending, "{s:?}");
+        let code = bed.sms_code(PHONE).await;
+        let r = c
+            .call(lm::BindConfirmReq {
+                bind_ref: lm::BindRef(s.bind_ref),
+                sms_code: lm::SmsCode::new(&code).unwrap(),
+            })
+            .await
+            .unwrap();
+        let Message::BindConfirmRsp(b) = r.msg else {
+            panic!()
+        };
+        assert_eq!(b.result.status, Status::Success);
+        let n = c.next_notification(WAIT).await.expect("debit notified");
+        assert_eq!(
+            (n.order_id.as_str(), n.amount, n.result.status),
+            ("SP-1", 777, Status::Success)
+        );
+        assert_eq!(n.agreement_id, b.agreement_id);
+        // Sign-and-pay again for the signed card: ALREADY_SIGNED semantics via the order id.
+        let again = c.call(req).await.unwrap();
+        assert_eq!(result(&again).reason, Reason::DUPLICATE_ORDER);
+        assert_eq!(bed.ledger().len(), 1);
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_and_bank_revocation_stop_debits() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let a1 = bed.sign(&c, CARD, PHONE).await;
+        let r = c
+            .call(lm::AgreementCancelReq {
+                agreement_id: lm::AgreementId(a1),
+            })
+            .await
+            .unwrap();
+        assert_eq!(status(&r), Status::Success);
+        let r = c.call(debit("C-1", a1, 100)).await.unwrap();
+        assert_eq!(result(&r).reason, Reason::AGREEMENT_REVOKED);
+
+        let card2 = card(42);
+        let a2 = bed.sign(&c, &card2, "13900000000").await;
+        let no = bed
+            .switch
+            .switch
+            .engine
+            .agreements()
+            .get(lm::AgreementId(a2))
+            .unwrap()
+            .active_channels()
+            .next()
+            .unwrap()
+            .agreement_no;
+        assert!(
+            bed.sim("CHA").revoke(no.as_str()),
+            "simulator revokes at the bank"
+        );
+        let n = c
+            .next_notification(WAIT)
+            .await
+            .expect("revocation notified");
+        assert_eq!(n.kind, lm::NotifyKind::AgreementRevoked);
+        assert_eq!(n.agreement_id, a2);
+        let r = c.call(debit("C-2", a2, 100)).await.unwrap();
+        assert_eq!(result(&r).reason, Reason::AGREEMENT_REVOKED);
+        assert!(bed.ledger().is_empty(), "no debit reached a channel");
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retried_debit_never_reaches_the_channel_twice() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let a = bed.sign(&c, CARD, PHONE).await;
+        bed.set_profile("CHA", |p| p.latency = Latency::Fixed { ms: 300.0 });
+        // Twice while in flight, on two connections, then once after final.
+        let c2 = bed.client().await;
+        let (r1, r2) = tokio::join!(c.call(debit("R-1", a, 900)), c2.call(debit("R-1", a, 900)));
+        let (r1, r2) = (r1.unwrap(), r2.unwrap());
+        let reasons = [result(&r1).reason, result(&r2).reason];
+        assert!(reasons.contains(&Reason::DUPLICATE_ORDER), "{reasons:?}");
+        let after = c.call(debit("R-1", a, 900)).await.unwrap();
+        assert_eq!(
+            (status(&after), result(&after).reason),
+            (Status::Success, Reason::DUPLICATE_ORDER)
+        );
+        let conflict = c.call(debit("R-1", a, 901)).await.unwrap();
+        assert_eq!(result(&conflict).reason, Reason::ORDER_CONFLICT);
+        let ledger = bed.ledger();
+        assert_eq!(ledger.len(), 1, "{ledger:?}");
+        assert_eq!(bed.duplicates(), 0);
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_goes_pending_then_query_settles_with_one_notification() {
+    limit(async {
+        let bed = Bed::start_with(BedConfig {
+            deadline: Duration::from_millis(300),
+            ..BedConfig::default()
+        })
+        .await;
+        let c = bed.client().await;
+        let a = bed.sign(&c, CARD, PHONE).await;
+        bed.set_profile("CHA", |p| p.latency = Latency::Fixed { ms: 800.0 });
+        let r = c.call(debit("T-1", a, 4_200)).await.unwrap();
+        assert_eq!(
+            (status(&r), result(&r).reason),
+            (Status::Pending, Reason::OUTCOME_UNKNOWN),
+            "{r:?}"
+        );
+        assert_eq!(result(&r).status, Status::Pending);
+        bed.set_profile("CHA", |p| p.latency = Latency::Fixed { ms: 0.0 });
+        let n = c
+            .next_notification(WAIT)
+            .await
+            .expect("final result notified");
+        assert_eq!(
+            (n.order_id.as_str(), n.result.status),
+            ("T-1", Status::Success)
+        );
+        assert!(
+            c.next_notification(Duration::from_secs(2)).await.is_none(),
+            "one notification only"
+        );
+        let ledger = bed.ledger();
+        assert_eq!(ledger.len(), 1, "executed once, on CHA only: {ledger:?}");
+        assert_eq!(ledger[0].0, "CHA");
+        assert_eq!(bed.duplicates(), 0);
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_channel_notifications_give_one_lender_notification() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let a = bed.sign(&c, CARD, PHONE).await;
+        bed.set_profile("CHA", |p| {
+            p.async_ratio = 1.0;
+            p.async_delay_ms = 100;
+            p.notify_copies = 4;
+            p.notify_interval_ms = 50;
+        });
+        let r = c.call(debit("N-1", a, 1_000)).await.unwrap();
+        assert_eq!(
+            (status(&r), result(&r).reason),
+            (Status::Pending, Reason::OK)
+        );
+        let n = c.next_notification(WAIT).await.expect("notified");
+        assert_eq!(n.result.status, Status::Success);
+        assert!(c
+            .next_notification(Duration::from_millis(1500))
+            .await
+            .is_none());
+        assert_eq!(bed.ledger().len(), 1);
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn not_processed_fails_over_to_the_backup_channel() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+        let req = |id: &str| lm::PayoutReq {
+            order_id: lm::OrderId::new(id).unwrap(),
+            amount: lm::Fen(100),
+            currency: lm::Currency,
+            card_type: lm::CardType::Debit,
+            bank_code: lm::BankCode::new("ICBC").unwrap(),
+            card_no: lm::CardNo::new(CARD).unwrap(),
+            name: lm::Name::new("李四").unwrap(),
+            purpose: lm::Purpose::new("放款").unwrap(),
+        };
+        bed.set_profile("CHA", |p| p.not_processed_ratio = 1.0);
+        let r = c.call(req("F-1")).await.unwrap();
+        let Message::PayoutRsp(p) = &r.msg else {
+            panic!()
+        };
+        assert_eq!(
+            (p.result.status, p.channel.as_str()),
+            (Status::Success, "CHB")
+        );
+        let ledger = bed.ledger();
+        assert_eq!(ledger.len(), 1);
+        assert_eq!(ledger[0].0, "CHB");
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_refusals_keep_the_session_usable() {
+    limit(async {
+        let bed = Bed::start().await;
+        let c = bed.client().await;
+
+        // Stale timestamp.
+        let mut env = c.envelope();
+        env.timestamp_ms -= 10 * 60 * 1000;
+        let r = c
+            .call_with(
+                env,
+                &lm::OrderQueryReq {
+                    order_id: lm::OrderId::new("x").unwrap(),
+                }
+                .into(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(result(&r).reason, Reason::STALE_TIMESTAMP);
+
+        // Reused request id.
+        let env = c.envelope();
+        let q: Message = lm::OrderQueryReq {
+            order_id: lm::OrderId::new("x").unwrap(),
+        }
+        .into();
+        let r = c.call_with(env, &q).await.unwrap();
+        assert_eq!(result(&r).reason, Reason::UNKNOWN_ORDER);
+        let r = c.call_with(env, &q).await.unwrap();
+        assert_eq!(result(&r).reason, Reason::DUPLICATE_REQUEST_ID);
+
+        // Wrong merchant for the session: a frame MAC'd with the other merchant's key.
+        c.add_key(OTHER_MERCHANT, 1, &OTHER_SECRET);
+        let mut env = c.envelope();
+        env.merchant = sluice::wire::header::MerchantNo::new(OTHER_MERCHANT).unwrap();
+        let r = c.call_with(env, &q).await.unwrap();
+        assert!(r.authenticated);
+        assert_eq!(result(&r).reason, Reason::MERCHANT_NOT_ALLOWED);
+
+        // Bad MAC.
+        let env = c.envelope();
+        let mut b = bytes::BytesMut::new();
+        lm::encode(
+            &env,
+            &q,
+            Some(&sluice::crypto::MacKey::new(&[1u8; 32])),
+            &mut b,
+        );
+        let r = c.call_raw(env.request_id, b.freeze()).await.unwrap();
+        assert!(matches!(r.msg, Message::Reject(_)));
+        assert_eq!(result(&r).reason, Reason::BAD_MAC);
+
+        // Malformed field (amount 0) with a good MAC: the response type, field 3.
+        let env = c.envelope();
+        let mut b = bytes::BytesMut::new();
+        lm::encode(
+            &env,
+            &debit("M-1", 1, 5).into(),
+            Some(&sluice::crypto::MacKey::new(&SECRET)),
+            &mut b,
+        );
+        b[88..96].fill(0);
+        let n = b.len();
+        let mac = sluice::crypto::MacKey::new(&SECRET).sign(&b[..n - 32]);
+        b[n - 32..].copy_from_slice(&mac);
+        let r = c.call_raw(env.request_id, b.freeze()).await.unwrap();
+        let Message::DebitRsp(d) = &r.msg else {
+            panic!("{r:?}")
+        };
+        assert_eq!(
+            (d.result.reason, d.result.field),
+            (Reason::MALFORMED_FIELD, 3)
+        );
+
+        // Not logged on: a fresh connection that skips LOGON.
+        let fresh = sluice::client::Client::connect(
+            bed.switch.addr,
+            sluice::client::ClientConfig {
+                merchant: MERCHANT.into(),
+                key_id: 1,
+                secret: SECRET.to_vec(),
+                auto_ack: true,
+                timeout: Duration::from_secs(5),
+            },
+        )
+        .await
+        .unwrap();
+        let r = fresh.call(q.clone()).await.unwrap();
+        assert_eq!(result(&r).reason, Reason::NOT_LOGGED_ON);
+
+        // And the first session still works.
+        let r = c.call(lm::EchoReq { nonce: 5 }).await.unwrap();
+        assert!(matches!(r.msg, Message::EchoRsp(lm::EchoRsp { nonce: 5 })));
+        let m = &bed.switch.switch.metrics.counters;
+        assert!(m.bad_mac.load(std::sync::atomic::Ordering::Relaxed) >= 1);
+    })
+    .await
+    .expect("bounded");
+}
