@@ -18,6 +18,7 @@
 pub mod app;
 pub mod channel;
 pub mod client;
+pub mod config;
 pub mod crypto;
 pub mod engine;
 pub mod limits;

@@ -1,1 +1,470 @@
-fn main() {}
+//! The `sluice` command: run the switch, run a demo, run a channel simulator, make keys,
+//! check a configuration.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand};
+
+use sluice::app::{JournalSink, NullJournal};
+use sluice::config::{self, Config, JournalPolicy};
+use sluice::crypto::{self, Identity, KeyStore};
+use sluice::engine::{ChannelConfig, EngineConfig};
+use sluice::run::{ChannelSetup, SwitchConfig};
+use sluice::server::session::SessionConfig;
+use sluice::sim::{Profile, SimConfig, Simulator, SmsMode};
+use sluice::upstream::PoolConfig;
+
+#[derive(Parser)]
+#[command(
+    name = "sluice",
+    version,
+    about = "A transaction switch for consumer lenders"
+)]
+struct Cli {
+    /// Log format: human or json.
+    #[arg(long, global = true, default_value = "human")]
+    log: String,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run the switch from a configuration file.
+    Run {
+        /// Configuration file (see config/sluice.example.toml).
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Run the switch with two simulated channels in one process (embedded config).
+    Demo {
+        /// Lender listener.
+        #[arg(long, default_value = "127.0.0.1:7400")]
+        listen: SocketAddr,
+        /// Directory for the demo's key file.
+        #[arg(long, default_value = "sluice-demo")]
+        dir: PathBuf,
+        /// Stop by itself after this many seconds (0 = run until Ctrl-C).
+        #[arg(long, default_value_t = 0)]
+        seconds: u64,
+    },
+    /// Run a simulated upstream payment channel.
+    ChannelSim {
+        /// Listen address.
+        #[arg(long, default_value = "127.0.0.1:7501")]
+        listen: SocketAddr,
+        /// 32-byte seed of the channel's Ed25519 identity, hex (demo and tests), or use
+        /// --identity.
+        #[arg(long)]
+        seed: Option<String>,
+        /// The channel's Ed25519 identity (PKCS#8 file).
+        #[arg(long)]
+        identity: Option<PathBuf>,
+        /// The switch's public key, hex.
+        #[arg(long)]
+        switch_public_key: String,
+        /// The switch's institution id.
+        #[arg(long, default_value = "SLUICE01")]
+        institution: String,
+        /// Behaviour profile (TOML).
+        #[arg(long)]
+        profile: Option<PathBuf>,
+        /// SMS codes are the phone's last six digits (load tests).
+        #[arg(long)]
+        deterministic_sms: bool,
+    },
+    /// Make keys (files are created with mode 0600 and never overwritten).
+    Keygen {
+        #[command(subcommand)]
+        what: Keygen,
+    },
+    /// Validate a configuration file and the secret files it names.
+    CheckConfig {
+        /// Configuration file.
+        config: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum Keygen {
+    /// An Ed25519 identity (switch or channel); prints the public key.
+    Identity {
+        /// Output file (PKCS#8).
+        out: PathBuf,
+    },
+    /// A merchant HMAC key; appends a line to the key file.
+    Merchant {
+        /// Merchant number.
+        #[arg(long)]
+        merchant: String,
+        /// Key id (1..=65535).
+        #[arg(long, default_value_t = 1)]
+        key_id: u16,
+        /// Key file.
+        out: PathBuf,
+    },
+    /// The secret for keyed hashes of card and ID numbers.
+    Pii {
+        /// Output file (hex).
+        out: PathBuf,
+    },
+}
+
+fn init_logs(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    if format == "json" {
+        b.json().init();
+    } else {
+        b.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    init_logs(&cli.log);
+    match cli.cmd {
+        Cmd::Keygen { what } => keygen(what),
+        Cmd::CheckConfig { config } => {
+            let cfg = Config::load(&config)?;
+            load_secrets(&cfg)?;
+            println!(
+                "{}: ok ({} channels, journal policy {:?})",
+                config.display(),
+                cfg.channels.len(),
+                cfg.journal_policy()?
+            );
+            Ok(())
+        }
+        cmd => tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?
+            .block_on(async move {
+                match cmd {
+                    Cmd::Run { config } => run(&config).await,
+                    Cmd::Demo {
+                        listen,
+                        dir,
+                        seconds,
+                    } => demo(listen, &dir, seconds).await,
+                    Cmd::ChannelSim {
+                        listen,
+                        seed,
+                        identity,
+                        switch_public_key,
+                        institution,
+                        profile,
+                        deterministic_sms,
+                    } => {
+                        channel_sim(
+                            listen,
+                            seed,
+                            identity,
+                            &switch_public_key,
+                            &institution,
+                            profile,
+                            deterministic_sms,
+                        )
+                        .await
+                    }
+                    Cmd::Keygen { .. } | Cmd::CheckConfig { .. } => unreachable!(),
+                }
+            }),
+    }
+}
+
+fn keygen(what: Keygen) -> Result<()> {
+    match what {
+        Keygen::Identity { out } => {
+            let (id, doc) = Identity::generate();
+            config::write_secret_file(&out, &doc)
+                .with_context(|| format!("writing {}", out.display()))?;
+            println!("{}", hex::encode(id.public_key()));
+        }
+        Keygen::Merchant {
+            merchant,
+            key_id,
+            out,
+        } => {
+            sluice::wire::header::check_merchant(&merchant)
+                .map_err(|e| anyhow::anyhow!("merchant {merchant:?}: {e}"))?;
+            let line = format!(
+                "{merchant} {key_id} {}\n",
+                hex::encode(crypto::random_secret())
+            );
+            if out.exists() {
+                config::read_secret_file(&out)?;
+                use std::io::Write;
+                let mut f = std::fs::OpenOptions::new().append(true).open(&out)?;
+                f.write_all(line.as_bytes())?;
+                f.sync_all()?;
+            } else {
+                config::write_secret_file(&out, line.as_bytes())?;
+            }
+            // Parse it back so a bad file is noticed now, not at start-up.
+            crypto::read_key_file(&out)?;
+            println!("added key {merchant} {key_id} to {}", out.display());
+        }
+        Keygen::Pii { out } => {
+            config::write_secret_file(&out, hex::encode(crypto::random_secret()).as_bytes())?;
+            println!("wrote {}", out.display());
+        }
+    }
+    Ok(())
+}
+
+struct Secrets {
+    keys: KeyStore,
+    identity: Identity,
+    pii: Vec<u8>,
+}
+
+fn load_secrets(cfg: &Config) -> Result<Secrets> {
+    config::read_secret_file(&cfg.keys.merchant_keys)?;
+    let keys = KeyStore::load(&cfg.keys.merchant_keys)?;
+    let doc = config::read_secret_file(&cfg.keys.switch_identity)?;
+    let identity = Identity::from_pkcs8(&doc)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", cfg.keys.switch_identity.display()))?;
+    let pii_hex = config::read_secret_file(&cfg.keys.pii_secret)?;
+    let pii = hex::decode(String::from_utf8_lossy(&pii_hex).trim())
+        .with_context(|| format!("{}: not hex", cfg.keys.pii_secret.display()))?;
+    if pii.len() < 32 {
+        bail!(
+            "{}: PII secret must be at least 32 bytes",
+            cfg.keys.pii_secret.display()
+        );
+    }
+    Ok(Secrets {
+        keys,
+        identity,
+        pii,
+    })
+}
+
+fn journal_for(policy: JournalPolicy) -> Arc<dyn JournalSink> {
+    if policy != JournalPolicy::None {
+        tracing::warn!(
+            ?policy,
+            "the durable journal is not wired into this build yet: state is in memory only"
+        );
+    } else {
+        tracing::warn!("journal policy none: nothing is made durable (benchmarks only)");
+    }
+    Arc::new(NullJournal::default())
+}
+
+fn ref_prefix() -> String {
+    // Start time in seconds, base 36: channel order references never repeat across
+    // restarts.
+    let mut n = sluice::app::now_ms() / 1000;
+    let mut s = Vec::new();
+    while n > 0 {
+        let d = (n % 36) as u8;
+        s.push(if d < 10 { b'0' + d } else { b'A' + d - 10 });
+        n /= 36;
+    }
+    s.reverse();
+    format!("S{}", String::from_utf8_lossy(&s))
+}
+
+async fn run(path: &Path) -> Result<()> {
+    let cfg = Config::load(path)?;
+    let secrets = load_secrets(&cfg)?;
+    let channels = cfg
+        .route_table()
+        .into_iter()
+        .zip(&cfg.channels)
+        .map(|(route, c)| {
+            let mut pool = PoolConfig::new(c.addresses.clone(), &c.institution);
+            pool.connections = c.connections;
+            pool.inflight_max_per_conn = c.inflight_per_connection;
+            ChannelSetup {
+                route,
+                pool,
+                public_key: config::parse_public_key(&c.public_key).unwrap_or_default(),
+            }
+        })
+        .collect();
+    let sw = SwitchConfig {
+        listen: cfg.server.listen,
+        channels,
+        keys: Arc::new(secrets.keys),
+        identity: Arc::new(secrets.identity),
+        pii_secret: secrets.pii,
+        engine: cfg.engine_config(ref_prefix()),
+        session: SessionConfig {
+            heartbeat_s: cfg.server.heartbeat_s,
+            inflight_max: cfg.server.inflight_per_session,
+            replay_window_s: cfg.server.replay_window_s,
+        },
+        connections_max: cfg.server.connections_max,
+        channel_deadline: cfg.channel_deadline(),
+        journal: journal_for(cfg.journal_policy()?),
+    };
+    let running = sluice::run::start(sw).await?;
+    tracing::info!(addr = %running.addr, "sluice listening");
+    println!("sluice listening on {}", running.addr);
+    wait_for_stop(0).await;
+    running.shutdown(Duration::from_secs(10)).await;
+    Ok(())
+}
+
+/// Wait for SIGINT/SIGTERM, or `seconds` when non-zero.
+async fn wait_for_stop(seconds: u64) {
+    let timer = async {
+        if seconds == 0 {
+            std::future::pending::<()>().await
+        } else {
+            tokio::time::sleep(Duration::from_secs(seconds)).await
+        }
+    };
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+            _ = term.recv() => tracing::info!("SIGTERM: draining and stopping"),
+            _ = timer => tracing::info!("demo time is up: stopping"),
+        }
+    }
+    #[cfg(not(unix))]
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = timer => {},
+    }
+}
+
+/// The demo's fixed identities and merchant key (documented in the README; never use
+/// them outside a demo).
+const DEMO_MERCHANT: &str = "898100000000001";
+const DEMO_INSTITUTION: &str = "SLUICE01";
+
+async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
+    let switch_id = Arc::new(Identity::from_seed(&[1u8; 32]));
+    let mut setups = Vec::new();
+    let mut sims = Vec::new();
+    for (i, name) in ["CHA", "CHB"].iter().enumerate() {
+        let chan_id = Arc::new(Identity::from_seed(&[10 + i as u8; 32]));
+        let mut sc = SimConfig::new(chan_id.clone(), DEMO_INSTITUTION, switch_id.public_key());
+        sc.bank.sms_mode = SmsMode::Deterministic;
+        sc.profile = Profile {
+            latency: sluice::sim::Latency::Lognormal {
+                p50_ms: 2.0,
+                p99_ms: 20.0,
+            },
+            ..Profile::default()
+        };
+        sc.seed = 100 + i as u64;
+        let sim = Simulator::start(sc).await?;
+        let mut pool = PoolConfig::new(vec![sim.addr()], DEMO_INSTITUTION);
+        pool.connections = 2;
+        setups.push(ChannelSetup {
+            route: ChannelConfig::open(name),
+            pool,
+            public_key: chan_id.public_key(),
+        });
+        sims.push((name.to_string(), sim));
+    }
+    std::fs::create_dir_all(dir)?;
+    let key_file = dir.join("merchant.keys");
+    let secret = sluice::message::examples::SECRET;
+    if !key_file.exists() {
+        config::write_secret_file(
+            &key_file,
+            format!("{DEMO_MERCHANT} 1 {}\n", hex::encode(secret)).as_bytes(),
+        )?;
+    }
+    let keys = KeyStore::load(&key_file)?;
+    let running = sluice::run::start(SwitchConfig {
+        listen,
+        channels: setups,
+        keys: Arc::new(keys),
+        identity: switch_id,
+        pii_secret: vec![0x5a; 32],
+        engine: EngineConfig {
+            ref_prefix: ref_prefix(),
+            query_delay_ms: 500,
+            ..EngineConfig::default()
+        },
+        session: SessionConfig::default(),
+        connections_max: 256,
+        channel_deadline: Duration::from_secs(2),
+        journal: journal_for(JournalPolicy::None),
+    })
+    .await
+    .with_context(|| format!("listening on {listen}"))?;
+    let ready = running.wait_channels(Duration::from_secs(10)).await;
+    println!("sluice demo");
+    println!("  lender port     {}", running.addr);
+    for (n, s) in &sims {
+        println!("  channel {n}     simulated at {}", s.addr());
+    }
+    println!("  channels ready  {ready}");
+    println!("  merchant        {DEMO_MERCHANT}, key id 1");
+    println!("  key file        {}", key_file.display());
+    println!("  SMS codes       the phone's last six digits (deterministic demo mode)");
+    println!();
+    println!("Drive it with the Python client (standard library only):");
+    println!(
+        "  python3 protocol/clients/python/demo.py --port {} --key-file {}",
+        running.addr.port(),
+        key_file.display()
+    );
+    println!("Stop with Ctrl-C.");
+    wait_for_stop(seconds).await;
+    running.shutdown(Duration::from_secs(5)).await;
+    for (_, s) in sims {
+        s.shutdown().await;
+    }
+    println!("sluice demo stopped");
+    Ok(())
+}
+
+async fn channel_sim(
+    listen: SocketAddr,
+    seed: Option<String>,
+    identity: Option<PathBuf>,
+    switch_public_key: &str,
+    institution: &str,
+    profile: Option<PathBuf>,
+    deterministic_sms: bool,
+) -> Result<()> {
+    let id = match (seed, identity) {
+        (Some(s), None) => {
+            let b: [u8; 32] = hex::decode(s)?
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("--seed must be 32 bytes of hex"))?;
+            Identity::from_seed(&b)
+        }
+        (None, Some(p)) => Identity::from_pkcs8(&config::read_secret_file(&p)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?,
+        _ => bail!("give exactly one of --seed and --identity"),
+    };
+    let pk = config::parse_public_key(switch_public_key)
+        .ok_or_else(|| anyhow::anyhow!("--switch-public-key must be 64 hex digits"))?;
+    let id = Arc::new(id);
+    let mut sc = SimConfig::new(id.clone(), institution, pk);
+    sc.listen = listen;
+    if deterministic_sms {
+        sc.bank.sms_mode = SmsMode::Deterministic;
+    }
+    if let Some(p) = profile {
+        sc.profile = Profile::from_toml(&std::fs::read_to_string(&p)?)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    }
+    let sim = Simulator::start(sc).await?;
+    println!(
+        "channel simulator on {} public key {}",
+        sim.addr(),
+        hex::encode(id.public_key())
+    );
+    wait_for_stop(0).await;
+    sim.shutdown().await;
+    Ok(())
+}

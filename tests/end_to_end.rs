@@ -179,6 +179,10 @@ async fn sign_and_pay_signs_then_debits_once() {
             ("SP-1", 777, Status::Success)
         );
         assert_eq!(n.agreement_id, b.agreement_id);
+        assert!(
+            c.next_unmatched(Duration::from_millis(500)).await.is_none(),
+            "the confirm is answered once; the debit only by notification"
+        );
         // Sign-and-pay again for the signed card: ALREADY_SIGNED semantics via the order id.
         let again = c.call(req).await.unwrap();
         assert_eq!(result(&again).reason, Reason::DUPLICATE_ORDER);

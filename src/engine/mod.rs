@@ -97,6 +97,9 @@ pub enum Token {
         key: OrderKey,
         /// Attempt reference.
         order_ref: OrderRef,
+        /// Whether a lender request waits for this order's answer (false for the debit
+        /// of a sign-and-pay, which is answered by notification only).
+        reply: bool,
     },
     /// A query of a PENDING order.
     Query {
@@ -354,6 +357,16 @@ impl Engine {
 
     /// DEBIT_REQ.
     pub fn debit(&self, merchant: MerchantNo, req: &lm::DebitReq, now_ms: u64) -> Actions {
+        self.debit_inner(merchant, req, now_ms, true)
+    }
+
+    fn debit_inner(
+        &self,
+        merchant: MerchantNo,
+        req: &lm::DebitReq,
+        now_ms: u64,
+        reply: bool,
+    ) -> Actions {
         let key = (merchant, req.order_id);
         let kind = OrderKind::Debit {
             agreement: req.agreement_id,
@@ -393,6 +406,7 @@ impl Engine {
             decision.candidates,
             None,
             now_ms,
+            reply,
         )
     }
 
@@ -436,6 +450,7 @@ impl Engine {
             decision.candidates,
             Some(card),
             now_ms,
+            true,
         )
     }
 
@@ -462,6 +477,7 @@ impl Engine {
         route: Vec<ChannelId>,
         card: Option<PayoutCard>,
         now_ms: u64,
+        reply: bool,
     ) -> Actions {
         let order_ref = match OrderRef::new(&self.next_ref('O')) {
             Ok(r) => r,
@@ -504,7 +520,11 @@ impl Engine {
         ];
         match self.attempt_message(&key, &attempt.channel, order_ref) {
             Some(msg) => out.push(Action::Dispatch(Dispatch {
-                token: Token::Attempt { key, order_ref },
+                token: Token::Attempt {
+                    key,
+                    order_ref,
+                    reply,
+                },
                 channel: attempt.channel,
                 msg,
             })),
@@ -513,7 +533,7 @@ impl Engine {
                 &order_ref,
                 AttemptResult::NotSent,
                 now_ms,
-                true,
+                reply,
             )),
         }
         out
@@ -636,6 +656,7 @@ impl Engine {
                         token: Token::Attempt {
                             key: *key,
                             order_ref: next_ref,
+                            reply,
                         },
                         channel: attempt.channel,
                         msg,
@@ -776,13 +797,17 @@ impl Engine {
     /// Feed back what came of a [`Dispatch`].
     pub fn dispatch_result(&self, token: &Token, result: DispatchResult, now_ms: u64) -> Actions {
         match token {
-            Token::Attempt { key, order_ref } => {
+            Token::Attempt {
+                key,
+                order_ref,
+                reply,
+            } => {
                 let r = match result {
                     DispatchResult::NotSent => AttemptResult::NotSent,
                     DispatchResult::Unknown => AttemptResult::Unknown,
                     DispatchResult::Answer(m) => order_answer(&m, order_ref),
                 };
-                self.attempt_result(key, order_ref, r, now_ms, true)
+                self.attempt_result(key, order_ref, r, now_ms, *reply)
             }
             Token::Query { key, order_ref } => {
                 let answered = match result {
@@ -1312,11 +1337,7 @@ impl Engine {
                         currency: Currency,
                         purpose,
                     };
-                    out.extend(
-                        self.debit(b.merchant, &req, now_ms)
-                            .into_iter()
-                            .filter(|a| !matches!(a, Action::Reply(_))),
-                    );
+                    out.extend(self.debit_inner(b.merchant, &req, now_ms, false));
                 }
                 out
             }
