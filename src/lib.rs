@@ -21,6 +21,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod engine;
+pub mod import;
 pub mod limits;
 pub mod message;
 pub mod metrics;

@@ -82,6 +82,18 @@ enum Cmd {
         #[command(subcommand)]
         what: Keygen,
     },
+    /// Import stock agreements from a CSV file (format in `src/import.rs` and the README).
+    Import {
+        /// Configuration file: channel ids are checked against it and cards hashed with
+        /// its PII secret.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Only validate and report; write nothing.
+        #[arg(long)]
+        check: bool,
+        /// The CSV file.
+        file: PathBuf,
+    },
     /// Validate a configuration file and the secret files it names.
     CheckConfig {
         /// Configuration file.
@@ -130,6 +142,11 @@ fn main() -> Result<()> {
     init_logs(&cli.log);
     match cli.cmd {
         Cmd::Keygen { what } => keygen(what),
+        Cmd::Import {
+            config,
+            check,
+            file,
+        } => import(config.as_deref(), check, &file),
         Cmd::CheckConfig { config } => {
             let cfg = Config::load(&config)?;
             load_secrets(&cfg)?;
@@ -172,7 +189,9 @@ fn main() -> Result<()> {
                         )
                         .await
                     }
-                    Cmd::Keygen { .. } | Cmd::CheckConfig { .. } => unreachable!(),
+                    Cmd::Keygen { .. } | Cmd::CheckConfig { .. } | Cmd::Import { .. } => {
+                        unreachable!()
+                    }
                 }
             }),
     }
@@ -214,6 +233,81 @@ fn keygen(what: Keygen) -> Result<()> {
             config::write_secret_file(&out, hex::encode(crypto::random_secret()).as_bytes())?;
             println!("wrote {}", out.display());
         }
+    }
+    Ok(())
+}
+
+fn import(config: Option<&Path>, check: bool, file: &Path) -> Result<()> {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let (hasher, channels) = match config {
+        Some(c) => {
+            let cfg = Config::load(c)?;
+            let s = load_secrets(&cfg)?;
+            let ids: Vec<String> = cfg.channels.iter().map(|c| c.id.clone()).collect();
+            (sluice::engine::agreement::PiiHasher::new(&s.pii), Some(ids))
+        }
+        None if check => (sluice::engine::agreement::PiiHasher::new(&[0u8; 32]), None),
+        None => bail!("give --config (to hash with the switch's PII secret) or --check"),
+    };
+    if !check {
+        bail!(
+            "writing imported agreements needs the durable journal, which this build does not \
+             have yet; use --check to validate the file"
+        );
+    }
+    let t0 = std::time::Instant::now();
+    let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
+    let total = text.bytes().filter(|&b| b == b'\n').count();
+    let known = |c: &sluice::message::ChannelId| {
+        channels
+            .as_ref()
+            .map(|ids| ids.iter().any(|i| i == c.as_str()))
+            .unwrap_or(true)
+    };
+    let done = AtomicUsize::new(0);
+    let bar = indicatif::ProgressBar::new(total as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} rows {per_sec}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let (rows, mut bad) = std::thread::scope(|s| {
+        let h = s.spawn(|| {
+            sluice::import::parse(
+                &text,
+                &hasher,
+                &known,
+                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                Some(&done),
+            )
+        });
+        while !h.is_finished() {
+            bar.set_position(done.load(Ordering::Relaxed) as u64);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        h.join().expect("parser thread")
+    });
+    bar.finish_and_clear();
+    let mut next = 1u64;
+    let (agreements, bad2) = sluice::import::group(rows, || {
+        next += 1;
+        sluice::message::AgreementId(next)
+    });
+    bad.extend(bad2);
+    bad.sort_by_key(|b| b.line);
+    let secs = t0.elapsed().as_secs_f64();
+    for b in &bad {
+        eprintln!("{}:{}: {}", file.display(), b.line, b.reason);
+    }
+    println!(
+        "{} lines, {} agreements, {} bad lines, {:.2} s ({:.0} rows/s)",
+        total,
+        agreements.len(),
+        bad.len(),
+        secs,
+        total as f64 / secs.max(1e-9)
+    );
+    if !bad.is_empty() {
+        bail!("{} bad lines", bad.len());
     }
     Ok(())
 }

@@ -23,6 +23,8 @@ pub mod agreement;
 pub mod order;
 pub mod record;
 pub mod route;
+#[cfg(test)]
+mod tests;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
@@ -489,14 +491,18 @@ impl Engine {
             .expect("a new order with candidates may start");
         // The entry API makes acceptance atomic: of two racing requests with the same
         // order id, exactly one inserts; the other is answered as a duplicate.
-        match self.orders.entry(key) {
-            Entry::Occupied(_) => {
-                drop(order);
-                return self.duplicate(&key, &kind, amount).unwrap_or_default();
-            }
+        //
+        // Concurrency note: the entry guard holds the shard's write lock, so the
+        // duplicate answer (which reads the same shard) is built only after it is dropped.
+        let inserted = match self.orders.entry(key) {
+            Entry::Occupied(_) => false,
             Entry::Vacant(v) => {
                 v.insert(order);
+                true
             }
+        };
+        if !inserted {
+            return self.duplicate(&key, &kind, amount).unwrap_or_default();
         }
         self.stats.orders_accepted.fetch_add(1, Ordering::Relaxed);
         self.by_ref.insert(order_ref, key);

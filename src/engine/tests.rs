@@ -1,0 +1,220 @@
+//! Engine unit tests: actions in the right order (journal before anything that depends on
+//! it), idempotency, the failover rule, and the concurrency of order acceptance.
+
+use super::*;
+use crate::channel::message::Code;
+
+fn engine(channels: &[&str]) -> Engine {
+    Engine::new(
+        EngineConfig::default(),
+        ChannelTable {
+            channels: channels.iter().map(|c| ChannelConfig::open(c)).collect(),
+        },
+        &[7u8; 32],
+        1000,
+    )
+}
+
+fn m() -> MerchantNo {
+    MerchantNo::new("M1").unwrap()
+}
+
+/// An agreement signed on every channel given.
+fn signed(e: &Engine, channels: &[&str]) -> AgreementId {
+    let mut a = Agreement {
+        id: e.new_agreement_id(),
+        merchant: m(),
+        card_hash: e.hasher.card("6222021234567890128"),
+        id_hash: e.hasher.id("11010519491231002X"),
+        card_last4: Digits::new("0128").unwrap(),
+        bank: BankCode::new("ICBC").unwrap(),
+        card_type: CardType::Debit,
+        cancelled: false,
+        channels: [None; CHANNELS_PER_AGREEMENT_MAX],
+    };
+    for c in channels {
+        a.add_channel(ChannelAgreement {
+            channel: ChannelId::new(c).unwrap(),
+            agreement_no: AgreementNo::new(&format!("{c}-1")).unwrap(),
+            state: ChannelAgreementState::Active,
+        });
+    }
+    e.agreements.upsert(a)
+}
+
+fn debit(order: &str, a: AgreementId, amount: u64) -> lm::DebitReq {
+    lm::DebitReq {
+        order_id: OrderId::new(order).unwrap(),
+        agreement_id: a,
+        amount: Fen(amount),
+        currency: Currency,
+        purpose: Purpose::new("p").unwrap(),
+    }
+}
+
+fn dispatch(actions: &Actions) -> Vec<&Dispatch> {
+    actions
+        .iter()
+        .filter_map(|a| match a {
+            Action::Dispatch(d) => Some(d),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pay_answer(d: &Dispatch, code: Code) -> DispatchResult {
+    let ch::Message::PayReq(p) = &d.msg else { panic!("{:?}", d.msg) };
+    let (code, class) = code.pair();
+    DispatchResult::Answer(
+        ch::PayRsp {
+            code,
+            class,
+            order_ref: p.order_ref,
+            channel_serial: Serial::empty(),
+            amount: p.amount.0,
+            finished_at_ms: 1,
+        }
+        .into(),
+    )
+}
+
+fn reply_status(actions: &Actions) -> Option<(Status, Reason)> {
+    actions.iter().find_map(|a| match a {
+        Action::Reply(lm::Message::DebitRsp(r)) => Some((r.result.status, r.result.reason)),
+        _ => None,
+    })
+}
+
+#[test]
+fn acceptance_journals_before_dispatch_and_final_journals_before_reply() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    let first_dispatch = acts.iter().position(|x| matches!(x, Action::Dispatch(_))).unwrap();
+    assert!(acts[..first_dispatch]
+        .iter()
+        .any(|x| matches!(x, Action::Journal(Record::AttemptStarted { .. }))));
+    let d = dispatch(&acts)[0].clone();
+    let after = e.dispatch_result(&d.token, pay_answer(&d, Code::OK), 1);
+    let j = after
+        .iter()
+        .position(|x| matches!(x, Action::Journal(Record::OrderFinal { .. })))
+        .unwrap();
+    let r = after.iter().position(|x| matches!(x, Action::Reply(_))).unwrap();
+    let n = after.iter().position(|x| matches!(x, Action::Notify(_))).unwrap();
+    assert!(j < r && j < n, "{after:?}");
+    assert_eq!(reply_status(&after), Some((Status::Success, Reason::OK)));
+}
+
+#[test]
+fn duplicate_and_conflict_never_dispatch() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    assert_eq!(dispatch(&acts).len(), 1);
+    let again = e.debit(m(), &debit("O1", a, 100), 1);
+    assert!(dispatch(&again).is_empty());
+    assert_eq!(reply_status(&again), Some((Status::Pending, Reason::DUPLICATE_ORDER)));
+    let conflict = e.debit(m(), &debit("O1", a, 101), 1);
+    assert!(dispatch(&conflict).is_empty());
+    assert_eq!(reply_status(&conflict), Some((Status::Rejected, Reason::ORDER_CONFLICT)));
+}
+
+#[test]
+fn racing_acceptance_of_one_order_id_answers_duplicate_without_deadlock() {
+    // The second request finds the entry occupied between its own duplicate check and its
+    // insert; building its answer must not read the shard it still holds.
+    let e = std::sync::Arc::new(engine(&["A"]));
+    let a = signed(&e, &["A"]);
+    let key = (m(), OrderId::new("O1").unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    let e2 = e.clone();
+    std::thread::spawn(move || {
+        e2.debit(m(), &debit("O1", a, 100), 0);
+        let acts = e2.accept_order(
+            key,
+            OrderKind::Debit { agreement: a },
+            100,
+            Purpose::new("p").unwrap(),
+            vec![ChannelId::new("A").unwrap()],
+            None,
+            0,
+            true,
+        );
+        let _ = tx.send(acts);
+    });
+    let acts = rx
+        .recv_timeout(std::time::Duration::from_secs(5))
+        .expect("no deadlock");
+    assert!(dispatch(&acts).is_empty());
+    assert_eq!(reply_status(&acts), Some((Status::Pending, Reason::DUPLICATE_ORDER)));
+}
+
+#[test]
+fn not_sent_fails_over_but_unknown_queries_the_same_channel() {
+    let e = engine(&["A", "B"]);
+    let a = signed(&e, &["A", "B"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    let d = dispatch(&acts)[0].clone();
+    assert_eq!(d.channel.as_str(), "A");
+    let next = e.dispatch_result(&d.token, DispatchResult::NotSent, 1);
+    let d2 = dispatch(&next)[0].clone();
+    assert_eq!(d2.channel.as_str(), "B");
+    let pending = e.dispatch_result(&d2.token, DispatchResult::Unknown, 2);
+    assert!(dispatch(&pending).is_empty(), "never sent elsewhere after UNKNOWN");
+    assert_eq!(reply_status(&pending), Some((Status::Pending, Reason::OUTCOME_UNKNOWN)));
+    let Some(Action::Query { key, order_ref, .. }) =
+        pending.iter().find(|x| matches!(x, Action::Query { .. })).cloned()
+    else {
+        panic!("query scheduled")
+    };
+    let q = e.query_due(&key, &order_ref, 3);
+    let qd = dispatch(&q)[0];
+    assert_eq!(qd.channel.as_str(), "B", "queried on the channel of the unknown attempt");
+}
+
+#[test]
+fn repeated_channel_notifications_make_one_final_state_and_one_notification() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    let d = dispatch(&acts)[0].clone();
+    let (code, class) = Code::ACCEPTED.pair();
+    let ch::Message::PayReq(p) = &d.msg else { panic!() };
+    let processing = DispatchResult::Answer(
+        ch::PayRsp {
+            code,
+            class,
+            order_ref: p.order_ref,
+            channel_serial: Serial::empty(),
+            amount: 100,
+            finished_at_ms: 0,
+        }
+        .into(),
+    );
+    e.dispatch_result(&d.token, processing, 1);
+    let (code, class) = Code::OK.pair();
+    let notify: ch::Message = ch::Notify {
+        notify_id: 9,
+        order_ref: p.order_ref,
+        order_type: OrderType::Debit,
+        code,
+        class,
+        amount: Fen(100),
+        channel_serial: Serial::empty(),
+        finished_at_ms: 5,
+    }
+    .into();
+    let chan = ChannelId::new("A").unwrap();
+    let mut notifications = 0;
+    for t in 0..5 {
+        let acts = e.channel_unsolicited(&chan, &notify, 10 + t);
+        notifications += acts.iter().filter(|a| matches!(a, Action::Notify(_))).count();
+    }
+    assert_eq!(notifications, 1);
+    assert_eq!(e.outbox_len(), 1);
+    assert_eq!(
+        e.stats.duplicate_channel_results.load(Ordering::Relaxed),
+        4
+    );
+}
