@@ -25,7 +25,8 @@ fn rows(n: usize) -> String {
 fn bench(c: &mut Criterion) {
     let h = PiiHasher::new(&[7u8; 32]);
     let known = |_: &ChannelId| true;
-    let line = "898100000000001,U1,6222021234567890128,11010519491231002X,ICBC,debit,CHA,A000000001";
+    let line =
+        "898100000000001,U1,6222021234567890128,11010519491231002X,ICBC,debit,CHA,A000000001";
     let mut g = c.benchmark_group("import");
     g.throughput(Throughput::Elements(1));
     g.bench_function("parse_line", |b| {

@@ -21,10 +21,10 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
+use crate::channel::message::AgreementNo;
 use crate::engine::agreement::{
     Agreement, ChannelAgreement, ChannelAgreementState, PiiHasher, CHANNELS_PER_AGREEMENT_MAX,
 };
-use crate::channel::message::AgreementNo;
 use crate::message::{BankCode, CardNo, CardType, ChannelId, IdNo};
 use crate::wire::field::Digits;
 use crate::wire::header::{check_merchant, MerchantNo};
@@ -84,8 +84,7 @@ pub fn parse_line(
         return Err(bad(format!("expected 8 fields, found {n}")));
     }
     let [merchant, _user, card, id, bank, card_type, channel, no] = f;
-    let merchant =
-        check_merchant(merchant.trim()).map_err(|e| bad(format!("merchant: {e}")))?;
+    let merchant = check_merchant(merchant.trim()).map_err(|e| bad(format!("merchant: {e}")))?;
     let card = CardNo::new(card.trim()).map_err(|e| bad(format!("card_no: {e}")))?;
     let id = IdNo::new(id.trim()).map_err(|e| bad(format!("id_no: {e}")))?;
     let bank = BankCode::new(bank.trim())
@@ -104,8 +103,8 @@ pub fn parse_line(
     if !known(&channel) {
         return Err(bad(format!("channel: {channel} is not configured")));
     }
-    let agreement_no = AgreementNo::new(no.trim())
-        .map_err(|e| bad(format!("channel_agreement_no: {e}")))?;
+    let agreement_no =
+        AgreementNo::new(no.trim()).map_err(|e| bad(format!("channel_agreement_no: {e}")))?;
     let c = card.expose();
     Ok(Row {
         line: line_no,
@@ -255,7 +254,8 @@ mod tests {
     #[test]
     fn every_bad_line_is_reported_with_its_number_and_reason() {
         let h = PiiHasher::new(&[1u8; 32]);
-        let text = "merchant,user_id,card_no,id_no,bank_code,card_type,channel,channel_agreement_no\n\
+        let text =
+            "merchant,user_id,card_no,id_no,bank_code,card_type,channel,channel_agreement_no\n\
             M1,U1,6222021234567890128,11010519491231002X,ICBC,debit,CHA,A1\n\
             M1,U1,6222021234567890128,11010519491231002X,ICBC,debit,CHB,B1\n\
             M1,U2,6222021234567890127,11010519491231002X,ICBC,debit,CHA,A2\n\
@@ -273,7 +273,10 @@ mod tests {
         assert!(bad[3].reason.contains("not configured"));
         assert!(bad[4].reason.contains("8 fields"));
         for b in &bad {
-            assert!(!b.reason.contains("6222021234567890127"), "no card numbers in reports");
+            assert!(
+                !b.reason.contains("6222021234567890127"),
+                "no card numbers in reports"
+            );
         }
         let mut n = 0;
         let (agreements, bad2) = group(rows, || {

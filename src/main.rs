@@ -276,7 +276,9 @@ fn import(config: Option<&Path>, check: bool, file: &Path) -> Result<()> {
                 &text,
                 &hasher,
                 &known,
-                std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2),
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2),
                 Some(&done),
             )
         });

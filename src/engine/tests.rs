@@ -63,7 +63,9 @@ fn dispatch(actions: &Actions) -> Vec<&Dispatch> {
 }
 
 fn pay_answer(d: &Dispatch, code: Code) -> DispatchResult {
-    let ch::Message::PayReq(p) = &d.msg else { panic!("{:?}", d.msg) };
+    let ch::Message::PayReq(p) = &d.msg else {
+        panic!("{:?}", d.msg)
+    };
     let (code, class) = code.pair();
     DispatchResult::Answer(
         ch::PayRsp {
@@ -90,7 +92,10 @@ fn acceptance_journals_before_dispatch_and_final_journals_before_reply() {
     let e = engine(&["A"]);
     let a = signed(&e, &["A"]);
     let acts = e.debit(m(), &debit("O1", a, 100), 0);
-    let first_dispatch = acts.iter().position(|x| matches!(x, Action::Dispatch(_))).unwrap();
+    let first_dispatch = acts
+        .iter()
+        .position(|x| matches!(x, Action::Dispatch(_)))
+        .unwrap();
     assert!(acts[..first_dispatch]
         .iter()
         .any(|x| matches!(x, Action::Journal(Record::AttemptStarted { .. }))));
@@ -100,8 +105,14 @@ fn acceptance_journals_before_dispatch_and_final_journals_before_reply() {
         .iter()
         .position(|x| matches!(x, Action::Journal(Record::OrderFinal { .. })))
         .unwrap();
-    let r = after.iter().position(|x| matches!(x, Action::Reply(_))).unwrap();
-    let n = after.iter().position(|x| matches!(x, Action::Notify(_))).unwrap();
+    let r = after
+        .iter()
+        .position(|x| matches!(x, Action::Reply(_)))
+        .unwrap();
+    let n = after
+        .iter()
+        .position(|x| matches!(x, Action::Notify(_)))
+        .unwrap();
     assert!(j < r && j < n, "{after:?}");
     assert_eq!(reply_status(&after), Some((Status::Success, Reason::OK)));
 }
@@ -114,10 +125,16 @@ fn duplicate_and_conflict_never_dispatch() {
     assert_eq!(dispatch(&acts).len(), 1);
     let again = e.debit(m(), &debit("O1", a, 100), 1);
     assert!(dispatch(&again).is_empty());
-    assert_eq!(reply_status(&again), Some((Status::Pending, Reason::DUPLICATE_ORDER)));
+    assert_eq!(
+        reply_status(&again),
+        Some((Status::Pending, Reason::DUPLICATE_ORDER))
+    );
     let conflict = e.debit(m(), &debit("O1", a, 101), 1);
     assert!(dispatch(&conflict).is_empty());
-    assert_eq!(reply_status(&conflict), Some((Status::Rejected, Reason::ORDER_CONFLICT)));
+    assert_eq!(
+        reply_status(&conflict),
+        Some((Status::Rejected, Reason::ORDER_CONFLICT))
+    );
 }
 
 #[test]
@@ -147,7 +164,10 @@ fn racing_acceptance_of_one_order_id_answers_duplicate_without_deadlock() {
         .recv_timeout(std::time::Duration::from_secs(5))
         .expect("no deadlock");
     assert!(dispatch(&acts).is_empty());
-    assert_eq!(reply_status(&acts), Some((Status::Pending, Reason::DUPLICATE_ORDER)));
+    assert_eq!(
+        reply_status(&acts),
+        Some((Status::Pending, Reason::DUPLICATE_ORDER))
+    );
 }
 
 #[test]
@@ -161,16 +181,28 @@ fn not_sent_fails_over_but_unknown_queries_the_same_channel() {
     let d2 = dispatch(&next)[0].clone();
     assert_eq!(d2.channel.as_str(), "B");
     let pending = e.dispatch_result(&d2.token, DispatchResult::Unknown, 2);
-    assert!(dispatch(&pending).is_empty(), "never sent elsewhere after UNKNOWN");
-    assert_eq!(reply_status(&pending), Some((Status::Pending, Reason::OUTCOME_UNKNOWN)));
-    let Some(Action::Query { key, order_ref, .. }) =
-        pending.iter().find(|x| matches!(x, Action::Query { .. })).cloned()
+    assert!(
+        dispatch(&pending).is_empty(),
+        "never sent elsewhere after UNKNOWN"
+    );
+    assert_eq!(
+        reply_status(&pending),
+        Some((Status::Pending, Reason::OUTCOME_UNKNOWN))
+    );
+    let Some(Action::Query { key, order_ref, .. }) = pending
+        .iter()
+        .find(|x| matches!(x, Action::Query { .. }))
+        .cloned()
     else {
         panic!("query scheduled")
     };
     let q = e.query_due(&key, &order_ref, 3);
     let qd = dispatch(&q)[0];
-    assert_eq!(qd.channel.as_str(), "B", "queried on the channel of the unknown attempt");
+    assert_eq!(
+        qd.channel.as_str(),
+        "B",
+        "queried on the channel of the unknown attempt"
+    );
 }
 
 #[test]
@@ -180,7 +212,9 @@ fn repeated_channel_notifications_make_one_final_state_and_one_notification() {
     let acts = e.debit(m(), &debit("O1", a, 100), 0);
     let d = dispatch(&acts)[0].clone();
     let (code, class) = Code::ACCEPTED.pair();
-    let ch::Message::PayReq(p) = &d.msg else { panic!() };
+    let ch::Message::PayReq(p) = &d.msg else {
+        panic!()
+    };
     let processing = DispatchResult::Answer(
         ch::PayRsp {
             code,
@@ -209,12 +243,12 @@ fn repeated_channel_notifications_make_one_final_state_and_one_notification() {
     let mut notifications = 0;
     for t in 0..5 {
         let acts = e.channel_unsolicited(&chan, &notify, 10 + t);
-        notifications += acts.iter().filter(|a| matches!(a, Action::Notify(_))).count();
+        notifications += acts
+            .iter()
+            .filter(|a| matches!(a, Action::Notify(_)))
+            .count();
     }
     assert_eq!(notifications, 1);
     assert_eq!(e.outbox_len(), 1);
-    assert_eq!(
-        e.stats.duplicate_channel_results.load(Ordering::Relaxed),
-        4
-    );
+    assert_eq!(e.stats.duplicate_channel_results.load(Ordering::Relaxed), 4);
 }
