@@ -405,13 +405,32 @@ async fn run(path: &Path) -> Result<()> {
     let running = sluice::run::start(sw).await?;
     tracing::info!(addr = %running.addr, "sluice listening");
     println!("sluice listening on {}", running.addr);
-    wait_for_stop(0).await;
-    running.shutdown(Duration::from_secs(10)).await;
+    let stop = wait_for_stop(0).await;
+    running.shutdown(stop.grace()).await;
+    tracing::info!("stopped");
     Ok(())
 }
 
+/// How the process was asked to stop.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stop {
+    /// SIGTERM (or the demo's timer): drain in-flight work within the grace period.
+    Drain,
+    /// SIGINT: stop fast.
+    Fast,
+}
+
+impl Stop {
+    fn grace(self) -> Duration {
+        match self {
+            Stop::Drain => Duration::from_secs(10),
+            Stop::Fast => Duration::from_millis(500),
+        }
+    }
+}
+
 /// Wait for SIGINT/SIGTERM, or `seconds` when non-zero.
-async fn wait_for_stop(seconds: u64) {
+async fn wait_for_stop(seconds: u64) -> Stop {
     let timer = async {
         if seconds == 0 {
             std::future::pending::<()>().await
@@ -424,15 +443,15 @@ async fn wait_for_stop(seconds: u64) {
         use tokio::signal::unix::{signal, SignalKind};
         let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-            _ = term.recv() => tracing::info!("SIGTERM: draining and stopping"),
-            _ = timer => tracing::info!("demo time is up: stopping"),
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping fast"); Stop::Fast }
+            _ = term.recv() => { tracing::info!("SIGTERM: draining in-flight work"); Stop::Drain }
+            _ = timer => { tracing::info!("time is up: draining"); Stop::Drain }
         }
     }
     #[cfg(not(unix))]
     tokio::select! {
-        _ = tokio::signal::ctrl_c() => {},
-        _ = timer => {},
+        _ = tokio::signal::ctrl_c() => Stop::Fast,
+        _ = timer => Stop::Drain,
     }
 }
 
@@ -513,8 +532,8 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         key_file.display()
     );
     println!("Stop with Ctrl-C.");
-    wait_for_stop(seconds).await;
-    running.shutdown(Duration::from_secs(5)).await;
+    let stop = wait_for_stop(seconds).await;
+    running.shutdown(stop.grace()).await;
     for (_, s) in sims {
         s.shutdown().await;
     }
