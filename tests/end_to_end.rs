@@ -277,7 +277,7 @@ async fn timeout_goes_pending_then_query_settles_with_one_notification() {
         .await;
         let c = bed.client().await;
         let a = bed.sign(&c, CARD, PHONE).await;
-        bed.set_profile("CHA", |p| p.latency = Latency::Fixed { ms: 800.0 });
+        bed.set_profile("CHA", |p| p.latency = Latency::Fixed { ms: 2000.0 });
         let r = c.call(debit("T-1", a, 4_200)).await.unwrap();
         assert_eq!(
             (status(&r), result(&r).reason),

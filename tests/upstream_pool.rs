@@ -172,7 +172,7 @@ async fn deadline_gives_unknown_then_the_late_reply_settles_it() {
         let mut s = setup(Profile::default(), 1, |_| {}).await;
         let agr = sign(&s).await;
         s.sim
-            .update_profile(|p| p.latency = Latency::Fixed { ms: 300.0 })
+            .update_profile(|p| p.latency = Latency::Fixed { ms: 1000.0 })
             .unwrap();
         let t0 = std::time::Instant::now();
         let r = s
@@ -180,8 +180,10 @@ async fn deadline_gives_unknown_then_the_late_reply_settles_it() {
             .call(pay("P1", agr, 100), Duration::from_millis(50))
             .await;
         assert_eq!(r, Err(CallError::Unknown(UnknownReason::Timeout)));
+        // Generous bound (loaded CI machines): the point is that the caller does not wait
+        // for the 1 s answer.
         assert!(
-            t0.elapsed() < Duration::from_millis(250),
+            t0.elapsed() < Duration::from_millis(800),
             "deadline honoured"
         );
         // The channel did execute it; the late answer reaches the engine.
@@ -200,7 +202,7 @@ async fn deadline_gives_unknown_then_the_late_reply_settles_it() {
         };
         assert_eq!(order_ref.unwrap().as_str(), "P1");
         assert_eq!(message.result().unwrap().1, RspClass::Success);
-        assert!(waited >= Duration::from_millis(250));
+        assert!(waited >= Duration::from_millis(800));
         assert!(s
             .sim
             .ledger_entry(&OrderRef::new("P1").unwrap())
@@ -272,7 +274,7 @@ async fn saturation_is_refused_at_once_never_queued() {
     timeout(LIMIT, async {
         let s = setup(Profile::default(), 1, |c| c.inflight_max_per_conn = 4).await;
         s.sim
-            .update_profile(|p| p.latency = Latency::Fixed { ms: 300.0 })
+            .update_profile(|p| p.latency = Latency::Fixed { ms: 1500.0 })
             .unwrap();
         let mut tasks = Vec::new();
         for i in 0..4 {
@@ -287,7 +289,8 @@ async fn saturation_is_refused_at_once_never_queued() {
         let t0 = std::time::Instant::now();
         let r = s.pool.call(query("Q9"), DL).await;
         assert_eq!(r, Err(CallError::NotSent(NotSentReason::Saturated)));
-        assert!(t0.elapsed() < Duration::from_millis(50));
+        // Refused without waiting for a slot (the in-flight calls take 1.5 s).
+        assert!(t0.elapsed() < Duration::from_millis(1000));
         for t in tasks {
             assert!(t.await.unwrap().is_ok());
         }
@@ -409,7 +412,9 @@ async fn heartbeats_only_when_idle_and_never_answered_with_heartbeats() {
         .await;
         tokio::time::sleep(Duration::from_millis(550)).await;
         let sim = s.sim.stats();
-        assert!((5..=12).contains(&sim.echo_req_in), "{sim:?}");
+        // ~11 at 50 ms; a loaded machine delays timers, so only require that heartbeats
+        // flow and stay bounded by the interval.
+        assert!((2..=12).contains(&sim.echo_req_in), "{sim:?}");
         assert_eq!(
             sim.echo_rsp_in, 0,
             "an ECHO_RSP is never answered, nor sent unasked"
