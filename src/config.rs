@@ -386,24 +386,23 @@ impl Config {
         Ok(())
     }
 
-    /// The journal policy as (fsync each batch, batch window ms).
-    pub fn journal_policy(&self) -> Result<JournalPolicy, ConfigError> {
+    /// The journal policy (`fsync`, `batch-ms:N` with N in 1..=1000, `none`).
+    pub fn journal_policy(&self) -> Result<crate::journal::Policy, ConfigError> {
         let p = self.journal.policy.as_str();
-        match p {
-            "fsync" => Ok(JournalPolicy::Fsync),
-            "none" => Ok(JournalPolicy::None),
-            _ => match p
-                .strip_prefix("batch-ms:")
-                .and_then(|n| n.parse::<u64>().ok())
-            {
-                Some(n) if (1..=1000).contains(&n) => Ok(JournalPolicy::BatchMs(n)),
-                _ => Err(invalid(
-                    "journal.policy",
-                    p,
-                    "must be fsync, none, or batch-ms:N with N in 1..=1000",
-                )),
-            },
+        let bad = || {
+            invalid(
+                "journal.policy",
+                p,
+                "must be fsync, none, or batch-ms:N with N in 1..=1000",
+            )
+        };
+        let policy: crate::journal::Policy = p.parse().map_err(|_| bad())?;
+        if let crate::journal::Policy::BatchMs(n) = policy {
+            if !(1..=crate::journal::BATCH_MS_MAX).contains(&n) {
+                return Err(bad());
+            }
         }
+        Ok(policy)
     }
 
     /// The engine settings.
@@ -443,17 +442,6 @@ impl Config {
             })
             .collect()
     }
-}
-
-/// How journal appends are made durable.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum JournalPolicy {
-    /// `fdatasync` before a record counts as durable (default).
-    Fsync,
-    /// Sync at most every N ms; a crash loses at most N ms of acknowledged state.
-    BatchMs(u64),
-    /// Never sync (benchmarks only).
-    None,
 }
 
 fn product(s: &str) -> Option<Product> {
@@ -537,7 +525,7 @@ institution = "SLUICE01"
     fn minimal_config_gets_defaults() {
         let c = Config::parse(MIN, "t").unwrap();
         assert_eq!(c.server.connections_max, limits::CONNECTIONS_DEFAULT);
-        assert_eq!(c.journal_policy().unwrap(), JournalPolicy::Fsync);
+        assert_eq!(c.journal_policy().unwrap(), crate::journal::Policy::Fsync);
         assert_eq!(c.route_table()[0].products.len(), 3);
     }
 

@@ -13,6 +13,8 @@
 //! - [`channel`]: the upstream channel link: layouts, response classes, session MAC, logon.
 //! - [`sim`]: the bundled channel simulator (agreements, ledger, injected faults), in-process.
 //! - [`upstream`]: per-channel pools of persistent, pipelined, authenticated connections.
+//! - [`journal`]: the durable, group-committed log of engine records, snapshots, recovery.
+//! - [`recon`]: daily reconciliation of a channel's statement against sluice's own record.
 #![warn(missing_docs)]
 
 pub mod app;
@@ -22,8 +24,10 @@ pub mod config;
 pub mod crypto;
 pub mod engine;
 pub mod import;
+pub mod journal;
 pub mod limits;
 pub mod message;
+pub mod recon;
 pub mod metrics;
 pub mod run;
 pub mod server;

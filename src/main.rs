@@ -9,8 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use sluice::app::{JournalSink, NullJournal};
-use sluice::config::{self, Config, JournalPolicy};
+use sluice::config::{self, Config};
+use sluice::journal::{JournalConfig, Policy};
+use sluice::run::JournalSetup;
 use sluice::crypto::{self, Identity, KeyStore};
 use sluice::engine::{ChannelConfig, EngineConfig};
 use sluice::run::{ChannelSetup, SwitchConfig};
@@ -88,11 +89,30 @@ enum Cmd {
         /// its PII secret.
         #[arg(long, short)]
         config: Option<PathBuf>,
-        /// Only validate and report; write nothing.
+        /// Only validate and report; write nothing. Without it the agreements are written
+        /// to the configured journal directory; the switch must not be running on it
+        /// (start it afterwards: it recovers them).
         #[arg(long)]
         check: bool,
         /// The CSV file.
         file: PathBuf,
+    },
+    /// Reconcile a channel's daily statement with sluice's own record (对账).
+    Recon {
+        /// Configuration file (its journal directory is read, never written).
+        #[arg(long, short)]
+        config: PathBuf,
+        /// Channel id.
+        #[arg(long)]
+        channel: String,
+        /// Day, YYYY-MM-DD (China time).
+        #[arg(long)]
+        date: String,
+        /// Machine-readable differences (CSV).
+        #[arg(long, default_value = "recon-differences.csv")]
+        out: PathBuf,
+        /// The channel's statement file.
+        statement: PathBuf,
     },
     /// Validate a configuration file and the secret files it names.
     CheckConfig {
@@ -142,6 +162,22 @@ fn main() -> Result<()> {
     init_logs(&cli.log);
     match cli.cmd {
         Cmd::Keygen { what } => keygen(what),
+        Cmd::Recon {
+            config,
+            channel,
+            date,
+            out,
+            statement,
+        } => {
+            let cfg = Config::load(&config)?;
+            let report = sluice::recon::run(&cfg.journal.dir, &channel, &date, &statement, &out)?;
+            print!("{}", report.summary());
+            println!("differences written to {}", out.display());
+            if !report.is_clean() {
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Import {
             config,
             check,
@@ -189,7 +225,10 @@ fn main() -> Result<()> {
                         )
                         .await
                     }
-                    Cmd::Keygen { .. } | Cmd::CheckConfig { .. } | Cmd::Import { .. } => {
+                    Cmd::Keygen { .. }
+                    | Cmd::CheckConfig { .. }
+                    | Cmd::Import { .. }
+                    | Cmd::Recon { .. } => {
                         unreachable!()
                     }
                 }
@@ -239,22 +278,21 @@ fn keygen(what: Keygen) -> Result<()> {
 
 fn import(config: Option<&Path>, check: bool, file: &Path) -> Result<()> {
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let (hasher, channels) = match config {
+    let (cfg, secrets) = match config {
         Some(c) => {
             let cfg = Config::load(c)?;
             let s = load_secrets(&cfg)?;
-            let ids: Vec<String> = cfg.channels.iter().map(|c| c.id.clone()).collect();
-            (sluice::engine::agreement::PiiHasher::new(&s.pii), Some(ids))
+            (Some(cfg), Some(s))
         }
-        None if check => (sluice::engine::agreement::PiiHasher::new(&[0u8; 32]), None),
+        None if check => (None, None),
         None => bail!("give --config (to hash with the switch's PII secret) or --check"),
     };
-    if !check {
-        bail!(
-            "writing imported agreements needs the durable journal, which this build does not \
-             have yet; use --check to validate the file"
-        );
-    }
+    let hasher = sluice::engine::agreement::PiiHasher::new(
+        secrets.as_ref().map(|s| s.pii.as_slice()).unwrap_or(&[0u8; 32]),
+    );
+    let channels: Option<Vec<String>> = cfg
+        .as_ref()
+        .map(|c| c.channels.iter().map(|c| c.id.clone()).collect());
     let t0 = std::time::Instant::now();
     let text = std::fs::read_to_string(file).with_context(|| file.display().to_string())?;
     let total = text.bytes().filter(|&b| b == b'\n').count();
@@ -289,27 +327,72 @@ fn import(config: Option<&Path>, check: bool, file: &Path) -> Result<()> {
         h.join().expect("parser thread")
     });
     bar.finish_and_clear();
+    // Ids come from the data directory's engine (past every id it has issued), so an
+    // import never reuses an agreement id.
+    let target = match (&cfg, &secrets, check) {
+        (Some(cfg), Some(sec), false) => {
+            let engine = sluice::engine::Engine::new(
+                cfg.engine_config(ref_prefix()),
+                sluice::engine::ChannelTable {
+                    channels: cfg.route_table(),
+                },
+                &sec.pii,
+                sluice::app::now_ms().saturating_mul(1000),
+            );
+            let mut jc = JournalConfig::new(&cfg.journal.dir);
+            jc.policy = cfg.journal_policy()?;
+            let (journal, recovery) = sluice::journal::open(jc)?;
+            recovery.apply(&engine, sluice::app::now_ms())?;
+            Some((engine, journal))
+        }
+        _ => None,
+    };
     let mut next = 1u64;
-    let (agreements, bad2) = sluice::import::group(rows, || {
-        next += 1;
-        sluice::message::AgreementId(next)
+    let (agreements, bad2) = sluice::import::group(rows, || match &target {
+        Some((e, _)) => e.new_agreement_id(),
+        None => {
+            next += 1;
+            sluice::message::AgreementId(next)
+        }
     });
     bad.extend(bad2);
     bad.sort_by_key(|b| b.line);
-    let secs = t0.elapsed().as_secs_f64();
     for b in &bad {
         eprintln!("{}:{}: {}", file.display(), b.line, b.reason);
     }
+    let mut written = 0;
+    if let Some((engine, journal)) = &target {
+        // Merge into existing agreements of the same card (re-imports are idempotent),
+        // then journal the resulting agreement once.
+        let records: Vec<sluice::engine::Record> = agreements
+            .into_iter()
+            .filter_map(|a| {
+                let id = engine.agreements().upsert(a);
+                engine
+                    .agreements()
+                    .get(id)
+                    .map(|a| sluice::engine::Record::Agreement(Box::new(a)))
+            })
+            .collect();
+        written = journal.append_all_blocking(&records)?;
+        journal.close()?;
+    }
+    let secs = t0.elapsed().as_secs_f64();
     println!(
-        "{} lines, {} agreements, {} bad lines, {:.2} s ({:.0} rows/s)",
+        "{} lines, {} bad lines, {} agreements journaled, {:.2} s ({:.0} rows/s){}",
         total,
-        agreements.len(),
         bad.len(),
+        written,
         secs,
-        total as f64 / secs.max(1e-9)
+        total as f64 / secs.max(1e-9),
+        if target.is_none() {
+            " [check only: nothing written]"
+        } else {
+            ""
+        }
     );
     if !bad.is_empty() {
-        bail!("{} bad lines", bad.len());
+        bail!("{} bad lines (the good ones were imported unless --check)", bad.len());
     }
     Ok(())
 }
@@ -342,16 +425,16 @@ fn load_secrets(cfg: &Config) -> Result<Secrets> {
     })
 }
 
-fn journal_for(policy: JournalPolicy) -> Arc<dyn JournalSink> {
-    if policy != JournalPolicy::None {
+fn journal_setup(dir: &Path, policy: Policy) -> JournalSetup {
+    if policy == Policy::None {
         tracing::warn!(
-            ?policy,
-            "the durable journal is not wired into this build yet: state is in memory only"
+            "journal policy none: records are written but never synced; a crash can lose \
+             acknowledged state (benchmarks only)"
         );
-    } else {
-        tracing::warn!("journal policy none: nothing is made durable (benchmarks only)");
     }
-    Arc::new(NullJournal::default())
+    let mut jc = JournalConfig::new(dir);
+    jc.policy = policy;
+    JournalSetup::Durable(jc)
 }
 
 fn ref_prefix() -> String {
@@ -400,7 +483,7 @@ async fn run(path: &Path) -> Result<()> {
         },
         connections_max: cfg.server.connections_max,
         channel_deadline: cfg.channel_deadline(),
-        journal: journal_for(cfg.journal_policy()?),
+        journal: journal_setup(&cfg.journal.dir, cfg.journal_policy()?),
     };
     let running = sluice::run::start(sw).await?;
     tracing::info!(addr = %running.addr, "sluice listening");
@@ -496,6 +579,11 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         )?;
     }
     let keys = KeyStore::load(&key_file)?;
+    // The demo's channels are simulated afresh each run, so its journal starts empty too.
+    let journal_dir = dir.join("journal");
+    if journal_dir.exists() {
+        std::fs::remove_dir_all(&journal_dir)?;
+    }
     let running = sluice::run::start(SwitchConfig {
         listen,
         channels: setups,
@@ -510,7 +598,7 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         session: SessionConfig::default(),
         connections_max: 256,
         channel_deadline: Duration::from_secs(2),
-        journal: journal_for(JournalPolicy::None),
+        journal: journal_setup(&journal_dir, Policy::Fsync),
     })
     .await
     .with_context(|| format!("listening on {listen}"))?;
@@ -524,6 +612,7 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
     println!("  merchant        {DEMO_MERCHANT}, key id 1");
     println!("  key file        {}", key_file.display());
     println!("  SMS codes       the phone's last six digits (deterministic demo mode)");
+    println!("  journal         {} (fsync)", journal_dir.display());
     println!();
     println!("Drive it with the Python client (standard library only):");
     println!(

@@ -16,6 +16,7 @@ use crate::app::{now_ms, JournalSink, Switch, Upstream};
 use crate::channel::message as ch;
 use crate::crypto::{Identity, KeyStore};
 use crate::engine::{ChannelConfig, ChannelTable, DispatchResult, Engine, EngineConfig};
+use crate::journal::{Journal, JournalConfig, RecoveryReport};
 use crate::limits;
 use crate::message::ChannelId;
 use crate::metrics::Metrics;
@@ -56,7 +57,16 @@ pub struct SwitchConfig {
     /// Deadline of one channel request.
     pub channel_deadline: Duration,
     /// Journal.
-    pub journal: Arc<dyn JournalSink>,
+    pub journal: JournalSetup,
+}
+
+/// Where engine records go.
+pub enum JournalSetup {
+    /// A sink that keeps nothing durable (tests of the shell, `journal.policy = none`
+    /// benchmarks without a data directory).
+    Memory(Arc<dyn JournalSink>),
+    /// The durable journal in a data directory: recovered at start, closed at stop.
+    Durable(JournalConfig),
 }
 
 /// The channel pools as the engine's [`Upstream`].
@@ -90,6 +100,10 @@ pub struct Running {
     pub switch: Arc<Switch>,
     /// Channel pools by id.
     pub pools: HashMap<ChannelId, ChannelPool>,
+    /// The durable journal, when configured.
+    pub journal: Option<Journal>,
+    /// What recovery found at start (durable journal only).
+    pub recovery: Option<RecoveryReport>,
     listener_tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -117,6 +131,10 @@ impl Running {
         for p in self.pools.values() {
             p.shutdown().await;
         }
+        if let Some(j) = self.journal {
+            // Flush and fsync what is queued, then stop the writer.
+            let _ = tokio::task::spawn_blocking(move || j.close()).await;
+        }
     }
 }
 
@@ -133,6 +151,28 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
         &cfg.pii_secret,
         now_ms().saturating_mul(1000),
     ));
+    // Recovery comes before anything can reach the engine: snapshot + journal tail,
+    // orders that were in flight become PENDING and are queried below.
+    let (journal_sink, journal, recovery): (Arc<dyn JournalSink>, _, _) = match cfg.journal {
+        JournalSetup::Memory(sink) => (sink, None, None),
+        JournalSetup::Durable(jc) => {
+            let (journal, recovery) = crate::journal::open(jc).map_err(std::io::Error::other)?;
+            let e = engine.clone();
+            let report = tokio::task::spawn_blocking(move || recovery.apply(&e, now_ms()))
+                .await
+                .map_err(std::io::Error::other)?
+                .map_err(std::io::Error::other)?;
+            tracing::info!(
+                records = report.records_replayed,
+                pending = report.pending.len(),
+                torn_tail = report.torn_tail.is_some(),
+                "journal recovered"
+            );
+            journal.start_snapshots(engine.clone());
+            let sink: Arc<dyn JournalSink> = Arc::new(journal.clone());
+            (sink, Some(journal), Some(report))
+        }
+    };
     let (u_tx, u_rx) = mpsc::channel::<(ChannelId, ch::Message, Option<crate::upstream::Ack>)>(
         limits::WRITE_QUEUE_FRAMES,
     );
@@ -174,11 +214,23 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
             pools: pools.clone(),
             deadline: cfg.channel_deadline,
         }),
-        journal: cfg.journal,
+        journal: journal_sink,
         shutdown: CancellationToken::new(),
         tracker: background,
     });
     switch.start_background(u_rx);
+    if let Some(r) = &recovery {
+        let queries: Vec<_> = r
+            .pending
+            .iter()
+            .map(|(key, order_ref, at_ms)| crate::engine::Action::Query {
+                key: *key,
+                order_ref: *order_ref,
+                at_ms: *at_ms,
+            })
+            .collect();
+        switch.execute(queries, None).await;
+    }
     let stop = CancellationToken::new();
     let listener_tracker = TaskTracker::new();
     let t = listener_tracker.clone();
@@ -193,6 +245,8 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
         addr,
         switch,
         pools,
+        journal,
+        recovery,
         listener_tracker,
         stop,
     })

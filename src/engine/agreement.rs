@@ -219,6 +219,14 @@ impl AgreementStore {
         id
     }
 
+    /// Visit every agreement (journal snapshots). Holds one shard's read lock at a time;
+    /// `f` must not touch the store.
+    pub fn for_each(&self, mut f: impl FnMut(&Agreement)) {
+        for a in self.by_id.iter() {
+            f(a.value());
+        }
+    }
+
     /// Change an agreement in place under its shard lock.
     pub fn update<R>(&self, id: AgreementId, f: impl FnOnce(&mut Agreement) -> R) -> Option<R> {
         self.by_id.get_mut(&id).map(|mut a| f(&mut a))

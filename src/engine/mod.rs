@@ -22,6 +22,7 @@
 pub mod agreement;
 pub mod order;
 pub mod record;
+mod replay;
 pub mod route;
 #[cfg(test)]
 mod tests;

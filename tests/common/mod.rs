@@ -96,7 +96,7 @@ impl Bed {
             },
             connections_max: 64,
             channel_deadline: cfg.deadline,
-            journal: journal.clone(),
+            journal: sluice::run::JournalSetup::Memory(journal.clone()),
         })
         .await
         .expect("switch starts");

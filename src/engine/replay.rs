@@ -1,0 +1,381 @@
+//! Restoring the engine after a restart: snapshot entries, then the journal's tail, then
+//! one pass that settles what the crash left open (issue 6).
+//!
+//! Replay is *idempotent and absolute*: every record sets a value rather than adding to
+//! one, and a record whose effect is already present changes nothing. That is what lets
+//! a snapshot be taken while the engine runs (see `journal::snapshot`): records written
+//! while the snapshot was being taken are replayed over it and the result is the same.
+//!
+//! After replay, [`Engine::finish_recovery`] enforces DESIGN.md §4 across the restart:
+//! an order that may have reached a channel without a final state becomes PENDING and is
+//! *queried* on that channel — never sent again (rule 2); an order that provably never
+//! reached any channel is failed with `NO_CHANNEL` (nothing moved); ids restart past
+//! every id seen so no notification or agreement id is ever reused.
+
+use std::sync::atomic::Ordering;
+
+use super::agreement::Agreement;
+use super::order::{AttemptOutcome, Order, OrderKey, Phase};
+use super::{Engine, Outgoing, Record};
+use crate::channel::message::{OrderRef, RspCode};
+use crate::message::{self as lm, NotifyKind, Outcome, Reason, Status};
+use crate::wire::field::Ascii;
+use crate::wire::header::MerchantNo;
+
+/// What [`Engine::finish_recovery`] found and did.
+#[derive(Debug, Default)]
+pub(crate) struct Resumed {
+    /// Orders left PENDING by the crash, to query on their channel: (order, attempt
+    /// reference to query, when). The shell schedules each as an `Action::Query`.
+    pub pending: Vec<(OrderKey, OrderRef, u64)>,
+    /// Orders that provably never reached a channel and were failed now; these records
+    /// must be journaled before the switch serves (the notifications are already queued).
+    pub failed: Vec<Record>,
+    /// Final orders dropped because they finished longer ago than the retention.
+    pub evicted: usize,
+}
+
+impl Engine {
+    /// Make every later id (agreement ids, notification ids, bind refs, order refs)
+    /// larger than `id`.
+    pub(crate) fn restore_seq_past(&self, id: u64) {
+        self.seq.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// The next id the engine would hand out (snapshots record it).
+    pub(crate) fn seq_now(&self) -> u64 {
+        self.seq.load(Ordering::Relaxed)
+    }
+
+    /// Order refs of this start look like `{ref_prefix}O{hex}`; one with our prefix
+    /// moves the sequence past its number (a restart normally has a new prefix anyway).
+    fn note_ref(&self, r: &OrderRef) {
+        if let Some(rest) = r.as_str().strip_prefix(self.cfg.ref_prefix.as_str()) {
+            if let Some(n) = rest.get(1..).and_then(|h| u64::from_str_radix(h, 16).ok()) {
+                self.restore_seq_past(n);
+            }
+        }
+    }
+
+    /// Put back an agreement from a snapshot or an `Agreement` record, exactly as
+    /// recorded (including cancelled and revoked channel states).
+    pub(crate) fn restore_agreement(&self, a: Agreement) {
+        self.restore_seq_past(a.id.0);
+        let id = a.id;
+        if self.agreements.get(id).is_none() {
+            // `upsert` keeps `cancelled` and the channel states of a new agreement.
+            self.agreements.upsert(a);
+        } else {
+            // `upsert` indexes new channel numbers; then set the exact recorded state.
+            self.agreements.upsert(a.clone());
+            self.agreements.update(id, move |cur| *cur = a);
+        }
+    }
+
+    /// Put back an agreement from a snapshot into a fresh engine (ids are unique within a
+    /// snapshot, so no lookup first).
+    pub(crate) fn restore_agreement_fresh(&self, a: Agreement) {
+        self.restore_seq_past(a.id.0);
+        self.agreements.upsert(a);
+    }
+
+    /// Put back a whole order from a snapshot.
+    pub(crate) fn restore_order(&self, o: Order) {
+        for a in &o.attempts {
+            self.note_ref(&a.order_ref);
+            self.by_ref.insert(a.order_ref, o.key);
+        }
+        self.orders.insert(o.key, o);
+    }
+
+    /// Put back an unacknowledged notification; it is re-sent from `now_ms` on.
+    pub(crate) fn restore_notification(&self, merchant: MerchantNo, msg: lm::Notify, now_ms: u64) {
+        self.restore_seq_past(msg.notify_id);
+        self.outbox.insert(
+            msg.notify_id,
+            Outgoing {
+                merchant,
+                msg,
+                next_at_ms: now_ms,
+                sends: 0,
+            },
+        );
+    }
+
+    /// Visit the state a snapshot keeps, in the order that makes a concurrent snapshot
+    /// safe: agreements, then orders, then notifications. Returns the id sequence read
+    /// *before* the visit.
+    ///
+    /// Concurrency note: a final order's notification is queued while its map entry is
+    /// still locked, so an order seen final here has its notification in the outbox by
+    /// the time the outbox is visited (unless the lender acknowledged it meanwhile).
+    pub(crate) fn visit_for_snapshot(
+        &self,
+        mut agreement: impl FnMut(&Agreement),
+        mut order: impl FnMut(&Order),
+        mut notification: impl FnMut(&MerchantNo, &lm::Notify),
+    ) -> u64 {
+        let seq = self.seq_now();
+        self.agreements.for_each(&mut agreement);
+        for o in self.orders.iter() {
+            order(o.value());
+        }
+        for n in self.outbox.iter() {
+            notification(&n.merchant, &n.msg);
+        }
+        seq
+    }
+
+    /// Apply one journal record (idempotent; see the module doc). `now_ms` stamps
+    /// revocation notices, whose original time the record does not carry.
+    pub(crate) fn replay(&self, rec: Record, now_ms: u64) {
+        match rec {
+            Record::OrderAccepted {
+                key,
+                kind,
+                amount,
+                purpose,
+                at_ms,
+            } => {
+                self.orders
+                    .entry(key)
+                    .or_insert_with(|| Order::new(key, kind, amount, purpose, Vec::new(), at_ms));
+            }
+            Record::AttemptStarted {
+                key,
+                channel,
+                order_ref,
+                at_ms,
+            } => {
+                self.note_ref(&order_ref);
+                let Some(mut o) = self.orders.get_mut(&key) else {
+                    return;
+                };
+                if o.attempt_index(&order_ref).is_none() && o.phase != Phase::Final {
+                    o.remaining.retain(|c| c != &channel);
+                    o.attempts.push(super::order::Attempt {
+                        channel,
+                        order_ref,
+                        sent_at_ms: at_ms,
+                        outcome: AttemptOutcome::InFlight,
+                    });
+                    o.phase = Phase::InFlight;
+                    o.outcome = Outcome::new(Status::Pending, Reason::OK);
+                }
+                drop(o);
+                self.by_ref.insert(order_ref, key);
+            }
+            Record::AttemptOutcome {
+                key,
+                order_ref,
+                outcome,
+            } => {
+                let Some(mut o) = self.orders.get_mut(&key) else {
+                    return;
+                };
+                let Some(idx) = o.attempt_index(&order_ref) else {
+                    return;
+                };
+                if o.phase == Phase::Final {
+                    return;
+                }
+                o.attempts[idx].outcome = outcome;
+                match outcome {
+                    AttemptOutcome::Unknown => {
+                        o.phase = Phase::Pending;
+                        o.outcome = Outcome::new(Status::Pending, Reason::OUTCOME_UNKNOWN);
+                    }
+                    AttemptOutcome::Processing(_) => {
+                        o.phase = Phase::Pending;
+                        o.outcome = Outcome::new(Status::Pending, Reason::OK);
+                    }
+                    _ => {}
+                }
+            }
+            Record::OrderFinal {
+                key,
+                outcome,
+                order_ref,
+                notify_id,
+                at_ms,
+            } => {
+                self.restore_seq_past(notify_id);
+                let Some(mut o) = self.orders.get_mut(&key) else {
+                    return;
+                };
+                o.phase = Phase::Final;
+                o.outcome = outcome;
+                o.finished_at_ms = at_ms;
+                if let Some(idx) = order_ref.and_then(|r| o.attempt_index(&r)) {
+                    let code = RspCode::new(outcome.channel_code.as_str()).ok();
+                    match (outcome.status, outcome.reason, code) {
+                        (Status::Success, _, Some(c)) => {
+                            o.attempts[idx].outcome = AttemptOutcome::Success(c)
+                        }
+                        (Status::Failed, Reason::CHANNEL_DECLINED, Some(c)) => {
+                            o.attempts[idx].outcome = AttemptOutcome::Declined(c)
+                        }
+                        _ => {}
+                    }
+                }
+                let n = self.order_notification(&o, notify_id);
+                drop(o);
+                self.outbox.entry(notify_id).or_insert(Outgoing {
+                    merchant: n.merchant,
+                    msg: n.msg,
+                    next_at_ms: now_ms,
+                    sends: 0,
+                });
+            }
+            Record::Agreement(a) => self.restore_agreement(*a),
+            Record::NotifyAcked { notify_id } => {
+                self.outbox.remove(&notify_id);
+            }
+            Record::RevocationNotice {
+                agreement,
+                channel,
+                notify_id,
+            } => {
+                self.restore_seq_past(notify_id);
+                let Some(a) = self.agreements.get(agreement) else {
+                    return;
+                };
+                let msg = lm::Notify {
+                    notify_id,
+                    kind: NotifyKind::AgreementRevoked,
+                    result: Outcome::ok(),
+                    order_id: Ascii::empty(),
+                    order_type: 0,
+                    amount: 0,
+                    agreement_id: agreement.0,
+                    channel,
+                    finished_at_ms: now_ms,
+                };
+                self.outbox.entry(notify_id).or_insert(Outgoing {
+                    merchant: a.merchant,
+                    msg,
+                    next_at_ms: now_ms,
+                    sends: 0,
+                });
+            }
+        }
+    }
+
+    /// Settle what a crash left open, once every record is replayed:
+    /// - an order whose last attempt may have reached its channel (in flight, unknown,
+    ///   processing) becomes PENDING (`OUTCOME_UNKNOWN` unless the channel had said
+    ///   PROCESSING) and is returned for a query on that channel — it is never re-sent;
+    /// - an order that provably never reached any channel (no attempt journaled, or
+    ///   every attempt not sent / not processed) is failed with `NO_CHANNEL`; its record
+    ///   is returned for the journal and its notification queued;
+    /// - final orders that finished more than `retention_ms` ago are dropped (their
+    ///   order ids may be reused after that).
+    pub(crate) fn finish_recovery(&self, now_ms: u64, retention_ms: u64) -> Resumed {
+        let mut out = Resumed::default();
+        let cutoff_ms = now_ms.saturating_sub(retention_ms);
+        let mut finals = Vec::new();
+        for mut o in self.orders.iter_mut() {
+            if o.phase == Phase::Final {
+                continue;
+            }
+            let last = o.attempts.last().map(|a| (a.order_ref, a.outcome));
+            match last {
+                Some((r, AttemptOutcome::InFlight | AttemptOutcome::Unknown)) => {
+                    let i = o.attempts.len() - 1;
+                    o.attempts[i].outcome = AttemptOutcome::Unknown;
+                    o.phase = Phase::Pending;
+                    o.outcome = Outcome::new(Status::Pending, Reason::OUTCOME_UNKNOWN);
+                    out.pending.push((o.key, r, now_ms));
+                }
+                Some((r, AttemptOutcome::Processing(_))) => {
+                    o.phase = Phase::Pending;
+                    out.pending.push((o.key, r, now_ms));
+                }
+                Some((r, AttemptOutcome::Success(c))) => finals.push((
+                    o.key,
+                    Status::Success,
+                    Reason::OK,
+                    c.as_str().into(),
+                    Some(r),
+                )),
+                Some((r, AttemptOutcome::Declined(c))) => finals.push((
+                    o.key,
+                    Status::Failed,
+                    Reason::CHANNEL_DECLINED,
+                    c.as_str().into(),
+                    Some(r),
+                )),
+                Some((r, AttemptOutcome::NotSent | AttemptOutcome::NotProcessed(_))) => finals
+                    .push((
+                        o.key,
+                        Status::Failed,
+                        Reason::NO_CHANNEL,
+                        String::new(),
+                        Some(r),
+                    )),
+                None => finals.push((
+                    o.key,
+                    Status::Failed,
+                    Reason::NO_CHANNEL,
+                    String::new(),
+                    None,
+                )),
+            }
+        }
+        for (key, status, reason, code, order_ref) in finals {
+            let Some(mut o) = self.orders.get_mut(&key) else {
+                continue;
+            };
+            let notify_id = self.next_id();
+            o.phase = Phase::Final;
+            o.finished_at_ms = now_ms;
+            o.outcome = Outcome {
+                status,
+                reason,
+                field: 0,
+                channel_code: Ascii::new(&code).unwrap_or_default(),
+            };
+            self.stats.orders_final.fetch_add(1, Ordering::Relaxed);
+            out.failed.push(Record::OrderFinal {
+                key,
+                outcome: o.outcome,
+                order_ref,
+                notify_id,
+                at_ms: now_ms,
+            });
+            let n = self.order_notification(&o, notify_id);
+            drop(o);
+            self.outbox.insert(
+                notify_id,
+                Outgoing {
+                    merchant: n.merchant,
+                    msg: n.msg,
+                    next_at_ms: now_ms,
+                    sends: 0,
+                },
+            );
+        }
+        out.evicted = self.evict_final_orders_before(cutoff_ms);
+        out
+    }
+
+    /// Forget final orders that finished before `cutoff_ms` (the idempotency retention):
+    /// bounds memory and snapshot size. Returns how many were dropped. Orders not final
+    /// are never dropped.
+    pub fn evict_final_orders_before(&self, cutoff_ms: u64) -> usize {
+        let mut refs = Vec::new();
+        let mut n = 0;
+        self.orders.retain(|_, o| {
+            let drop = o.phase == Phase::Final && o.finished_at_ms < cutoff_ms;
+            if drop {
+                n += 1;
+                refs.extend(o.attempts.iter().map(|a| a.order_ref));
+            }
+            !drop
+        });
+        for r in refs {
+            self.by_ref.remove(&r);
+        }
+        n
+    }
+}

@@ -1,0 +1,579 @@
+//! Recovery of the engine from the journal and snapshots: what the lender was told
+//! survives a restart, open orders are queried (never re-sent), idempotency holds for the
+//! retention, ids never repeat.
+
+use std::path::Path;
+
+use sluice::channel::message::{self as ch, OrderRef, RspClass, RspCode, Serial};
+use sluice::channel::Code;
+use sluice::engine::agreement::{
+    Agreement, ChannelAgreement, ChannelAgreementState, CHANNELS_PER_AGREEMENT_MAX,
+};
+use sluice::engine::order::Phase;
+use sluice::engine::{
+    Action, Actions, ChannelConfig, ChannelTable, Dispatch, DispatchResult, Engine, EngineConfig,
+    Record,
+};
+use sluice::journal::{self, Journal, JournalConfig, JournalError, RecoveryReport};
+use sluice::message::{self as lm, AgreementId, BankCode, CardType, ChannelId, Reason, Status};
+use sluice::wire::field::Digits;
+use sluice::wire::header::MerchantNo;
+
+const M: &str = "898100000000001";
+const DAY_MS: u64 = 86_400_000;
+const T0: u64 = 1_700_000_000_000;
+
+struct Rig {
+    engine: Engine,
+    journal: Journal,
+}
+
+fn open_with(
+    dir: &Path,
+    prefix: &str,
+    now_ms: u64,
+    f: impl FnOnce(&mut JournalConfig),
+) -> (Rig, RecoveryReport) {
+    let mut cfg = JournalConfig::new(dir);
+    f(&mut cfg);
+    let (journal, rec) = journal::open(cfg).unwrap();
+    let engine = Engine::new(
+        EngineConfig {
+            ref_prefix: prefix.into(),
+            ..EngineConfig::default()
+        },
+        ChannelTable {
+            channels: vec![ChannelConfig::open("CHA"), ChannelConfig::open("CHB")],
+        },
+        &[9u8; 32],
+        1,
+    );
+    let report = rec.apply(&engine, now_ms).unwrap();
+    (Rig { engine, journal }, report)
+}
+
+fn open(dir: &Path, prefix: &str, now_ms: u64) -> (Rig, RecoveryReport) {
+    open_with(dir, prefix, now_ms, |_| {})
+}
+
+impl Rig {
+    /// Carry out actions like the shell: journal first (durably), collect dispatches.
+    fn run(&self, actions: Actions) -> (Vec<Dispatch>, Vec<lm::Message>) {
+        let mut d = Vec::new();
+        let mut replies = Vec::new();
+        for a in actions {
+            match a {
+                Action::Journal(r) => self.journal.append_blocking(&r).unwrap(),
+                Action::Dispatch(x) => d.push(x),
+                Action::Reply(m) => replies.push(m),
+                _ => {}
+            }
+        }
+        (d, replies)
+    }
+
+    fn add_agreement(&self, id: u64) {
+        let mut a = Agreement {
+            id: AgreementId(id),
+            merchant: MerchantNo::new(M).unwrap(),
+            card_hash: (id as u128).to_le_bytes(),
+            id_hash: [7; 16],
+            card_last4: Digits::new("0128").unwrap(),
+            bank: BankCode::new("ICBC").unwrap(),
+            card_type: CardType::Debit,
+            cancelled: false,
+            channels: [None; CHANNELS_PER_AGREEMENT_MAX],
+        };
+        a.add_channel(ChannelAgreement {
+            channel: ChannelId::new("CHA").unwrap(),
+            agreement_no: ch::AgreementNo::new(&format!("A-{id}")).unwrap(),
+            state: ChannelAgreementState::Active,
+        });
+        self.journal
+            .append_blocking(&Record::Agreement(Box::new(a.clone())))
+            .unwrap();
+        self.engine.agreements().upsert(a);
+    }
+
+    fn debit(&self, order: &str, agreement: u64, now_ms: u64) -> (Vec<Dispatch>, Vec<lm::Message>) {
+        let req = lm::DebitReq {
+            order_id: lm::OrderId::new(order).unwrap(),
+            agreement_id: AgreementId(agreement),
+            amount: lm::Fen(1234),
+            currency: lm::Currency,
+            purpose: lm::Purpose::new("还款").unwrap(),
+        };
+        self.run(self.engine.debit(merchant(), &req, now_ms))
+    }
+
+    fn answer(&self, d: &Dispatch, code: Code, now_ms: u64) -> (Vec<Dispatch>, Vec<lm::Message>) {
+        let r = pay_rsp(order_ref_of(d), code);
+        self.run(self.engine.dispatch_result(&d.token, r, now_ms))
+    }
+}
+
+fn merchant() -> MerchantNo {
+    MerchantNo::new(M).unwrap()
+}
+
+fn key(order: &str) -> (MerchantNo, lm::OrderId) {
+    (merchant(), lm::OrderId::new(order).unwrap())
+}
+
+fn order_ref_of(d: &Dispatch) -> OrderRef {
+    *d.msg.order_ref().expect("an order message")
+}
+
+fn pay_rsp(order_ref: OrderRef, code: Code) -> DispatchResult {
+    let (code, class): (RspCode, RspClass) = code.pair();
+    DispatchResult::Answer(
+        ch::PayRsp {
+            code,
+            class,
+            order_ref,
+            channel_serial: Serial::new("SER1").unwrap(),
+            amount: 1234,
+            finished_at_ms: T0,
+        }
+        .into(),
+    )
+}
+
+fn status_of(m: &lm::Message) -> (Status, Reason) {
+    match m {
+        lm::Message::DebitRsp(d) => (d.result.status, d.result.reason),
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_final_order_survives_restart_and_a_repeat_is_a_duplicate_not_a_debit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open(dir.path(), "S1", T0);
+    rig.add_agreement(5);
+    let (d, _) = rig.debit("D-1", 5, T0);
+    assert_eq!(d.len(), 1);
+    let (_, replies) = rig.answer(&d[0], Code::OK, T0 + 10);
+    assert_eq!(status_of(&replies[0]), (Status::Success, Reason::OK));
+    assert_eq!(rig.engine.outbox_len(), 1, "notification pending");
+    drop(rig); // crash: no close, no snapshot
+
+    let (rig, rep) = open(dir.path(), "S2", T0 + 1000);
+    assert!(rep.pending.is_empty());
+    let o = rig.engine.order(&key("D-1")).expect("order restored");
+    assert_eq!((o.phase, o.outcome.status), (Phase::Final, Status::Success));
+    assert_eq!(o.finished_at_ms, T0 + 10);
+    let (again, replies) = rig.debit("D-1", 5, T0 + 2000);
+    assert!(again.is_empty(), "never sent twice");
+    assert_eq!(
+        status_of(&replies[0]),
+        (Status::Success, Reason::DUPLICATE_ORDER)
+    );
+    // The unacknowledged notification is delivered again, with the same id.
+    let n = rig.engine.notifications_for(&merchant(), 10);
+    assert_eq!(n.len(), 1);
+    let notify_id = n[0].msg.notify_id;
+    assert_eq!(n[0].msg.result.status, Status::Success);
+    rig.run(rig.engine.notify_ack(&merchant(), notify_id));
+    // Ids of this start are past every id of the last one.
+    assert!(rig.engine.new_agreement_id().0 > notify_id);
+    drop(rig);
+
+    let (rig, _) = open(dir.path(), "S3", T0 + 3000);
+    assert_eq!(
+        rig.engine.outbox_len(),
+        0,
+        "acknowledged stays acknowledged"
+    );
+}
+
+#[test]
+fn an_order_in_flight_at_the_crash_is_queried_on_its_channel_never_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open(dir.path(), "S1", T0);
+    rig.add_agreement(5);
+    let (d, _) = rig.debit("D-2", 5, T0);
+    let sent_ref = order_ref_of(&d[0]);
+    assert_eq!(d[0].channel.as_str(), "CHA");
+    drop(rig); // crash while the channel holds the order
+
+    let (rig, rep) = open(dir.path(), "S2", T0 + 5000);
+    assert_eq!(rep.pending.len(), 1);
+    let (k, r, _) = rep.pending[0];
+    assert_eq!((k, r), (key("D-2"), sent_ref));
+    let o = rig.engine.order(&k).unwrap();
+    assert_eq!(
+        (o.phase, o.outcome.status, o.outcome.reason),
+        (Phase::Pending, Status::Pending, Reason::OUTCOME_UNKNOWN)
+    );
+    // The lender asking again gets PENDING, and nothing is dispatched.
+    let (none, replies) = rig.debit("D-2", 5, T0 + 5001);
+    assert!(none.is_empty());
+    assert_eq!(status_of(&replies[0]).0, Status::Pending);
+    // The query goes to the same channel about the same reference.
+    let q = rig.engine.query_due(&k, &r, T0 + 5002);
+    let Action::Dispatch(qd) = &q[0] else {
+        panic!("{q:?}")
+    };
+    assert_eq!(qd.channel.as_str(), "CHA");
+    assert!(matches!(&qd.msg, ch::Message::QueryReq(x) if x.order_ref == sent_ref));
+    let (code, class) = Code::OK.pair();
+    let ans = DispatchResult::Answer(
+        ch::QueryRsp {
+            code,
+            class,
+            order_ref: sent_ref,
+            order_type: 1,
+            amount: 1234,
+            channel_serial: Serial::new("SER1").unwrap(),
+            finished_at_ms: T0,
+        }
+        .into(),
+    );
+    let (more, _) = rig.run(rig.engine.dispatch_result(&qd.token, ans, T0 + 5003));
+    assert!(more.is_empty());
+    assert_eq!(
+        rig.engine.order(&k).unwrap().outcome.status,
+        Status::Success
+    );
+    drop(rig);
+    let (rig, rep) = open(dir.path(), "S3", T0 + 6000);
+    assert!(rep.pending.is_empty());
+    assert_eq!(
+        rig.engine.order(&k).unwrap().outcome.status,
+        Status::Success
+    );
+}
+
+#[test]
+fn an_order_that_never_reached_a_channel_is_failed_and_that_is_journaled() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open(dir.path(), "S1", T0);
+    rig.add_agreement(5);
+    let req = lm::DebitReq {
+        order_id: lm::OrderId::new("D-3").unwrap(),
+        agreement_id: AgreementId(5),
+        amount: lm::Fen(99),
+        currency: lm::Currency,
+        purpose: lm::Purpose::new("x").unwrap(),
+    };
+    let actions = rig.engine.debit(merchant(), &req, T0);
+    // Crash after the first record (accepted) became durable, before the attempt record.
+    let Action::Journal(first) = &actions[0] else {
+        panic!()
+    };
+    rig.journal.append_blocking(first).unwrap();
+    drop(rig);
+
+    let (rig, rep) = open(dir.path(), "S2", T0 + 100);
+    assert_eq!(rep.failed_orders, 1);
+    assert!(rep.pending.is_empty());
+    let o = rig.engine.order(&key("D-3")).unwrap();
+    assert_eq!(
+        (o.phase, o.outcome.status, o.outcome.reason),
+        (Phase::Final, Status::Failed, Reason::NO_CHANNEL)
+    );
+    assert_eq!(rig.engine.outbox_len(), 1, "the lender is told");
+    drop(rig);
+    let (rig, rep) = open(dir.path(), "S3", T0 + 200);
+    assert_eq!(rep.failed_orders, 0, "already final on disk");
+    assert_eq!(
+        rig.engine.order(&key("D-3")).unwrap().outcome.reason,
+        Reason::NO_CHANNEL
+    );
+}
+
+#[test]
+fn idempotency_lasts_the_retention_then_the_order_is_forgotten() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open(dir.path(), "S1", T0);
+    rig.add_agreement(5);
+    let (d, _) = rig.debit("D-4", 5, T0);
+    rig.answer(&d[0], Code::INSUFFICIENT_FUNDS, T0 + 1);
+    drop(rig);
+    let (rig, _) = open(dir.path(), "S2", T0 + 6 * DAY_MS);
+    assert!(rig.engine.order(&key("D-4")).is_some(), "within 7 days");
+    drop(rig);
+    let (rig, rep) = open(dir.path(), "S3", T0 + 7 * DAY_MS + 10);
+    assert_eq!(rep.evicted_orders, 1);
+    assert!(
+        rig.engine.order(&key("D-4")).is_none(),
+        "past the retention"
+    );
+    drop(rig);
+    // A shorter configured retention.
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open_with(dir.path(), "S1", T0, |c| c.retention_ms = 1000);
+    rig.add_agreement(5);
+    let (d, _) = rig.debit("D-5", 5, T0);
+    rig.answer(&d[0], Code::OK, T0 + 1);
+    drop(rig);
+    let (rig, _) = open_with(dir.path(), "S2", T0 + 2000, |c| c.retention_ms = 1000);
+    assert!(rig.engine.order(&key("D-5")).is_none());
+}
+
+#[test]
+fn snapshot_plus_tail_restores_everything_and_replays_only_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open(dir.path(), "S1", T0);
+    for id in 1..=300 {
+        rig.add_agreement(id);
+    }
+    let mut pending_refs = Vec::new();
+    for i in 0..100 {
+        let (d, _) = rig.debit(&format!("A-{i}"), 1 + i % 300, T0);
+        match i % 3 {
+            0 => {
+                rig.answer(&d[0], Code::OK, T0 + 1);
+            }
+            1 => {
+                rig.answer(&d[0], Code::INSUFFICIENT_FUNDS, T0 + 1);
+            }
+            _ => pending_refs.push(order_ref_of(&d[0])),
+        }
+    }
+    let cancel = rig.engine.agreement_cancel(
+        merchant(),
+        &lm::AgreementCancelReq {
+            agreement_id: AgreementId(7),
+        },
+    );
+    rig.run(cancel);
+    let info = rig.journal.snapshot(&rig.engine, T0 + 2).unwrap();
+    assert_eq!((info.agreements, info.orders), (300, 100));
+    // The tail: more orders after the snapshot.
+    for i in 0..20 {
+        let (d, _) = rig.debit(&format!("B-{i}"), 100 + i, T0 + 3);
+        rig.answer(&d[0], Code::OK, T0 + 4);
+    }
+    let last_agreement = rig.engine.new_agreement_id().0;
+    drop(rig);
+
+    let (rig, rep) = open(dir.path(), "S2", T0 + 10);
+    assert!(rep.snapshot.is_some());
+    assert_eq!(rep.snapshot_agreements, 300);
+    assert_eq!(
+        rep.records_replayed,
+        20 * 3,
+        "accepted, attempt, final per tail order"
+    );
+    assert_eq!(rig.engine.agreements().len(), 300);
+    assert_eq!(rig.engine.order_count(), 120);
+    assert_eq!(rep.pending.len(), pending_refs.len());
+    for r in &pending_refs {
+        assert!(rep.pending.iter().any(|p| &p.1 == r));
+    }
+    assert_eq!(
+        rig.engine.agreements().get(AgreementId(7)).unwrap().state(),
+        lm::AgreementState::Cancelled
+    );
+    assert!(rig.engine.new_agreement_id().0 > last_agreement);
+    // Every final order is still idempotent.
+    let (d, replies) = rig.debit("A-0", 1, T0 + 11);
+    assert!(d.is_empty());
+    assert_eq!(
+        status_of(&replies[0]),
+        (Status::Success, Reason::DUPLICATE_ORDER)
+    );
+}
+
+#[test]
+fn snapshots_prune_old_segments_and_keep_one_fallback() {
+    let dir = tempfile::tempdir().unwrap();
+    let small = |c: &mut JournalConfig| c.segment_bytes = 4096;
+    let (rig, _) = open_with(dir.path(), "S1", T0, small);
+    for round in 0..4u64 {
+        for id in 1..=100 {
+            rig.add_agreement(round * 1000 + id);
+        }
+        rig.journal.snapshot(&rig.engine, T0).unwrap();
+    }
+    let names: Vec<String> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(
+        names.iter().filter(|n| n.ends_with(".snap")).count(),
+        2,
+        "{names:?}"
+    );
+    assert!(
+        names.iter().filter(|n| n.ends_with(".wal")).count() < 20,
+        "{names:?}"
+    );
+    drop(rig);
+    let (rig, _) = open_with(dir.path(), "S2", T0, small);
+    assert_eq!(rig.engine.agreements().len(), 400);
+    drop(rig);
+    // A damaged newest snapshot refuses to start, naming it; moving it away falls back.
+    let mut snaps: Vec<_> = std::fs::read_dir(dir.path())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "snap"))
+        .collect();
+    snaps.sort();
+    let newest = snaps.pop().unwrap();
+    let mut b = std::fs::read(&newest).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 1;
+    std::fs::write(&newest, &b).unwrap();
+    let (_j, r) = journal::open(JournalConfig::new(dir.path())).unwrap();
+    let e = Engine::new(
+        EngineConfig::default(),
+        ChannelTable::default(),
+        &[9u8; 32],
+        1,
+    );
+    match r.apply(&e, T0) {
+        Err(JournalError::Snapshot { file, .. }) => assert_eq!(file, newest),
+        other => panic!("{other:?}"),
+    }
+    drop(_j);
+    std::fs::rename(&newest, dir.path().join("bad.snap.moved")).unwrap();
+    let (rig, _) = open_with(dir.path(), "S3", T0, small);
+    assert_eq!(
+        rig.engine.agreements().len(),
+        400,
+        "older snapshot + its journal"
+    );
+}
+
+#[test]
+fn a_revocation_notice_survives_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open(dir.path(), "S1", T0);
+    rig.add_agreement(9);
+    let revoke: ch::Message = ch::Revoke {
+        notify_id: 1,
+        agreement_no: ch::AgreementNo::new("A-9").unwrap(),
+        card_last4: Digits::new("0128").unwrap(),
+        revoked_at_ms: T0,
+    }
+    .into();
+    rig.run(
+        rig.engine
+            .channel_unsolicited(&ChannelId::new("CHA").unwrap(), &revoke, T0),
+    );
+    drop(rig);
+    let (rig, _) = open(dir.path(), "S2", T0 + 1);
+    assert_eq!(
+        rig.engine.agreements().get(AgreementId(9)).unwrap().state(),
+        lm::AgreementState::Revoked
+    );
+    let n = rig.engine.notifications_for(&merchant(), 10);
+    assert_eq!(n.len(), 1);
+    assert_eq!(n[0].msg.kind, lm::NotifyKind::AgreementRevoked);
+}
+
+/// Process CPU time (user + system, all threads), seconds, from `/proc/self/stat`: on a
+/// shared machine wall time measures the neighbours, CPU time measures us.
+fn cpu_s() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let f: Vec<&str> = s
+        .rsplit(')')
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+    ticks / 100.0
+}
+
+/// Recovery speed in records (and agreements) per CPU-second. Run with
+/// `cargo test --release --test recovery recovery_speed -- --ignored --nocapture`;
+/// `SLUICE_AGREEMENTS=10000000` for the 10M-agreement restart.
+#[test]
+#[ignore]
+fn recovery_speed() {
+    let agreements: u64 = std::env::var("SLUICE_AGREEMENTS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1_000_000);
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open_with(dir.path(), "S1", T0, |c| c.policy = journal::Policy::None);
+    let mut recs = Vec::new();
+    for i in 0..333_334u64 {
+        let key = (
+            merchant(),
+            lm::OrderId::new(&format!("ORD-{i:016}")).unwrap(),
+        );
+        let r = OrderRef::new(&format!("S1O{i:x}")).unwrap();
+        recs.push(Record::OrderAccepted {
+            key,
+            kind: sluice::engine::order::OrderKind::Debit {
+                agreement: AgreementId(1),
+            },
+            amount: 100 + i,
+            purpose: lm::Purpose::new("还款").unwrap(),
+            at_ms: T0 + i,
+        });
+        recs.push(Record::AttemptStarted {
+            key,
+            channel: ChannelId::new("CHA").unwrap(),
+            order_ref: r,
+            at_ms: T0 + i,
+        });
+        recs.push(Record::OrderFinal {
+            key,
+            outcome: lm::Outcome::new(Status::Success, Reason::OK),
+            order_ref: Some(r),
+            notify_id: 1_000_000_000 + i,
+            at_ms: T0 + i,
+        });
+    }
+    rig.journal.append_all_blocking(&recs).unwrap();
+    drop(recs);
+    rig.journal.close().unwrap();
+    drop(rig);
+    let (wall, cpu) = (std::time::Instant::now(), cpu_s());
+    let (rig, rep) = open_with(dir.path(), "S2", T0, |c| c.policy = journal::Policy::None);
+    let (w, c) = (wall.elapsed().as_secs_f64(), cpu_s() - cpu);
+    eprintln!(
+        "replay: {} records in {w:.2} s wall, {c:.2} s CPU: {:.0} records/s wall, {:.0} records per CPU-second",
+        rep.records_replayed,
+        rep.records_replayed as f64 / w,
+        rep.records_replayed as f64 / c.max(0.01)
+    );
+    drop(rig);
+
+    let sdir = tempfile::tempdir().unwrap();
+    let (rig, _) = open_with(sdir.path(), "S1", T0, |c| c.policy = journal::Policy::None);
+    let t = std::time::Instant::now();
+    for id in 1..=agreements {
+        let mut a = Agreement {
+            id: AgreementId(id),
+            merchant: merchant(),
+            card_hash: (id as u128).to_le_bytes(),
+            id_hash: [7; 16],
+            card_last4: Digits::new("0128").unwrap(),
+            bank: BankCode::new("ICBC").unwrap(),
+            card_type: CardType::Debit,
+            cancelled: false,
+            channels: [None; CHANNELS_PER_AGREEMENT_MAX],
+        };
+        a.add_channel(ChannelAgreement {
+            channel: ChannelId::new("CHA").unwrap(),
+            agreement_no: ch::AgreementNo::new(&format!("AGR-{id:012}")).unwrap(),
+            state: ChannelAgreementState::Active,
+        });
+        rig.engine.agreements().upsert(a);
+    }
+    eprintln!(
+        "built {agreements} agreements in memory in {:.1} s",
+        t.elapsed().as_secs_f64()
+    );
+    let info = rig.journal.snapshot(&rig.engine, T0).unwrap();
+    eprintln!("snapshot: {} bytes, {} ms", info.bytes, info.took_ms);
+    rig.journal.close().unwrap();
+    drop(rig);
+    let (wall, cpu) = (std::time::Instant::now(), cpu_s());
+    let (rig, rep) = open_with(sdir.path(), "S2", T0, |c| c.policy = journal::Policy::None);
+    let (w, c) = (wall.elapsed().as_secs_f64(), cpu_s() - cpu);
+    assert_eq!(rep.snapshot_agreements, agreements);
+    assert_eq!(rig.engine.agreements().len() as u64, agreements);
+    eprintln!(
+        "restart with {agreements} agreements: ready in {w:.2} s wall, {c:.2} s CPU ({:.0} agreements per CPU-second)",
+        agreements as f64 / c.max(0.01)
+    );
+}
