@@ -10,10 +10,10 @@ use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use sluice::config::{self, Config};
-use sluice::journal::{JournalConfig, Policy};
-use sluice::run::JournalSetup;
 use sluice::crypto::{self, Identity, KeyStore};
 use sluice::engine::{ChannelConfig, EngineConfig};
+use sluice::journal::{JournalConfig, Policy};
+use sluice::run::JournalSetup;
 use sluice::run::{ChannelSetup, SwitchConfig};
 use sluice::server::session::SessionConfig;
 use sluice::sim::{Profile, SimConfig, Simulator, SmsMode};
@@ -288,7 +288,10 @@ fn import(config: Option<&Path>, check: bool, file: &Path) -> Result<()> {
         None => bail!("give --config (to hash with the switch's PII secret) or --check"),
     };
     let hasher = sluice::engine::agreement::PiiHasher::new(
-        secrets.as_ref().map(|s| s.pii.as_slice()).unwrap_or(&[0u8; 32]),
+        secrets
+            .as_ref()
+            .map(|s| s.pii.as_slice())
+            .unwrap_or(&[0u8; 32]),
     );
     let channels: Option<Vec<String>> = cfg
         .as_ref()
@@ -392,7 +395,10 @@ fn import(config: Option<&Path>, check: bool, file: &Path) -> Result<()> {
         }
     );
     if !bad.is_empty() {
-        bail!("{} bad lines (the good ones were imported unless --check)", bad.len());
+        bail!(
+            "{} bad lines (the good ones were imported unless --check)",
+            bad.len()
+        );
     }
     Ok(())
 }

@@ -30,12 +30,20 @@ fn keygen_check_config_and_import_into_the_journal() {
     let pk = ok(&sluice(&["keygen", "identity", "keys/switch.ed25519"], dir));
     assert_eq!(pk.trim().len(), 64, "prints the public key");
     ok(&sluice(
-        &["keygen", "merchant", "--merchant", "898100000000001", "keys/merchants.txt"],
+        &[
+            "keygen",
+            "merchant",
+            "--merchant",
+            "898100000000001",
+            "keys/merchants.txt",
+        ],
         dir,
     ));
     ok(&sluice(&["keygen", "pii", "keys/pii.secret"], dir));
     // Keys are never overwritten.
-    assert!(!sluice(&["keygen", "pii", "keys/pii.secret"], dir).status.success());
+    assert!(!sluice(&["keygen", "pii", "keys/pii.secret"], dir)
+        .status
+        .success());
     let cfg = format!(
         r#"
 [keys]
@@ -68,7 +76,9 @@ institution = "SLUICE01"
         std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o600)).unwrap();
     }
 
-    let mut csv = String::from("merchant,user_id,card_no,id_no,bank_code,card_type,channel,channel_agreement_no\n");
+    let mut csv = String::from(
+        "merchant,user_id,card_no,id_no,bank_code,card_type,channel,channel_agreement_no\n",
+    );
     for i in 0..500u64 {
         let base = format!("622202{:012}", i);
         let card = (0..10)
@@ -82,10 +92,16 @@ institution = "SLUICE01"
     csv.push_str("898100000000001,Ux,6222021234567890127,11010519491231002X,ICBC,debit,CHA,Ax\n");
     std::fs::write(dir.join("stock.csv"), &csv).unwrap();
     let out = sluice(&["import", "--config", "sluice.toml", "stock.csv"], dir);
-    assert!(!out.status.success(), "a bad line makes the exit status non-zero");
+    assert!(
+        !out.status.success(),
+        "a bad line makes the exit status non-zero"
+    );
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(stderr.contains("stock.csv:502:"), "{stderr}");
-    assert!(!stderr.contains("6222021234567890127"), "no card number in reports");
+    assert!(
+        !stderr.contains("6222021234567890127"),
+        "no card number in reports"
+    );
     assert!(String::from_utf8_lossy(&out.stdout).contains("500 agreements journaled"));
 
     // A fresh engine recovering that data directory has the 500 agreements.
