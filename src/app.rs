@@ -105,11 +105,21 @@ impl Switch {
         while let Some(a) = q.pop_front() {
             match a {
                 Action::Journal(r) => {
+                    let mark = matches!(
+                        r,
+                        Record::OrderAccepted { .. }
+                            | Record::AttemptOutcome { .. }
+                            | Record::OrderFinal { .. }
+                    )
+                    .then(|| r.clone());
                     if let Err(e) = self.journal.append(r).await {
                         // Fail-stop: nothing that depends on this record may happen.
                         tracing::error!(error = %e, "journal append failed; stopping");
                         self.shutdown.cancel();
                         return;
+                    }
+                    if let Some(r) = mark {
+                        self.engine.record_durable(&r);
                     }
                 }
                 Action::Dispatch(d) => {

@@ -105,6 +105,7 @@ fn field_bytes(kind: &'static str, size: usize) -> BoxedStrategy<Vec<u8>> {
         "u8 status" => int(0, 4),
         "u8 card type" => int(1, 2),
         "u8 notify kind" => int(1, 2),
+        "u8 bind mode" => int(0, 1),
         "ASCII \"CNY\"" => Just(b"CNY".to_vec()).boxed(),
         "ASCII" => printable(size, 0).prop_map(move |v| pad(v, size)).boxed(),
         "ASCII, non-empty" => printable(size, 1).prop_map(move |v| pad(v, size)).boxed(),

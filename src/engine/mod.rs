@@ -461,8 +461,15 @@ impl Engine {
     fn duplicate(&self, key: &OrderKey, kind: &OrderKind, amount: u64) -> Option<Actions> {
         let o = self.orders.get(key)?;
         let msg = if o.same_content(kind, amount) {
-            let mut out = o.outcome;
-            out.reason = Reason::DUPLICATE_ORDER;
+            // Only a durable state may be told (rule 3); before the acceptance is durable
+            // the repeat is answered BUSY: nothing done by it, retry with the same id.
+            let out = match o.durable {
+                Some(mut d) => {
+                    d.reason = Reason::DUPLICATE_ORDER;
+                    d
+                }
+                None => reply_outcome(Status::Busy, Reason::OVERLOADED),
+            };
             order_reply(&o, out)
         } else {
             order_reply(&o, reply_outcome(Status::Rejected, Reason::ORDER_CONFLICT))
@@ -740,7 +747,10 @@ impl Engine {
     pub fn order_query(&self, merchant: MerchantNo, req: &lm::OrderQueryReq) -> lm::Message {
         match self.orders.get(&(merchant, req.order_id)) {
             Some(o) => lm::OrderQueryRsp {
-                result: o.outcome,
+                // The durable state only (rule 3); BUSY while the acceptance is not.
+                result: o
+                    .durable
+                    .unwrap_or_else(|| reply_outcome(Status::Busy, Reason::OVERLOADED)),
                 order_id: req.order_id.0,
                 order_type: order_type(&o.kind) as u8,
                 amount: o.amount,
@@ -913,6 +923,38 @@ impl Engine {
         self.attempt_result(&key, order_ref, r, now_ms, false)
     }
 
+    /// The shell calls this once `rec` is durable: from then on the state it records may
+    /// be told to a repeated request or a query.
+    pub fn record_durable(&self, rec: &Record) {
+        let (key, outcome) = match rec {
+            Record::OrderAccepted { key, .. } => (key, None),
+            Record::AttemptOutcome { key, outcome, .. } => match outcome {
+                order::AttemptOutcome::Unknown => (
+                    key,
+                    Some(reply_outcome(Status::Pending, Reason::OUTCOME_UNKNOWN)),
+                ),
+                order::AttemptOutcome::Processing(_) => {
+                    (key, Some(reply_outcome(Status::Pending, Reason::OK)))
+                }
+                _ => return,
+            },
+            Record::OrderFinal { key, outcome, .. } => (key, Some(*outcome)),
+            _ => return,
+        };
+        if let Some(mut o) = self.orders.get_mut(key) {
+            match outcome {
+                // A final durable state is never replaced by an earlier one.
+                Some(out) if !o.durable.is_some_and(|d| d.status.is_final()) => {
+                    o.durable = Some(out)
+                }
+                None if o.durable.is_none() => {
+                    o.durable = Some(reply_outcome(Status::Pending, Reason::OK))
+                }
+                _ => {}
+            }
+        }
+    }
+
     // ----- notifications -------------------------------------------------------------
 
     /// NOTIFY_ACK from the lender. Returns the journal action when it acknowledged a
@@ -986,6 +1028,7 @@ impl Engine {
                     phone: req.phone,
                 },
                 then_pay: None,
+                backup: req.mode == lm::BindMode::Backup,
             },
             now_ms,
         )
@@ -1025,6 +1068,7 @@ impl Engine {
                     phone: req.phone,
                 },
                 then_pay: Some((req.order_id, req.amount.0, req.purpose)),
+                backup: false,
             },
             now_ms,
         )
@@ -1051,7 +1095,20 @@ impl Engine {
     fn start_bind(&self, merchant: MerchantNo, b: BindRequest, now_ms: u64) -> Actions {
         let pay = b.then_pay.is_some();
         let card_hash = self.hasher.card(b.elements.card_no.expose());
-        if let Some(id) = self.agreements.find_by_card(&merchant, &card_hash) {
+        let existing = self
+            .agreements
+            .find_by_card(&merchant, &card_hash)
+            .and_then(|id| self.agreements.get(id))
+            .filter(|a| a.state() == lm::AgreementState::Active);
+        if b.backup && existing.is_none() {
+            return vec![Self::bind_reply(
+                pay,
+                reply_outcome(Status::Rejected, Reason::UNKNOWN_AGREEMENT),
+                0,
+                0,
+            )];
+        }
+        if let (false, Some(id)) = (b.backup, existing.as_ref().map(|a| a.id)) {
             if let Some(a) = self.agreements.get(id) {
                 if a.state() == lm::AgreementState::Active {
                     return vec![Self::bind_reply(
@@ -1078,6 +1135,10 @@ impl Engine {
         let mut decision = route::route_card(&table, Product::Sign, &b.bank, b.card_type, |c| {
             self.is_up(c)
         });
+        if let (true, Some(a)) = (b.backup, &existing) {
+            // A backup goes to a channel the agreement is not signed on yet.
+            decision.candidates.retain(|c| a.on_channel(c).is_none());
+        }
         if decision.candidates.is_empty() {
             return vec![Self::bind_reply(
                 pay,
@@ -1502,6 +1563,8 @@ struct BindRequest {
     bank: BankCode,
     elements: Elements,
     then_pay: Option<(OrderId, u64, Purpose)>,
+    /// Backup signing: add a channel to the card's existing agreement.
+    backup: bool,
 }
 
 fn verify_message(b: &PendingBind) -> ch::Message {

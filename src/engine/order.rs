@@ -149,6 +149,9 @@ pub struct Order {
     pub finished_at_ms: u64,
     /// Queries sent while PENDING (drives the backoff).
     pub queries: u32,
+    /// The latest state whose journal record is durable: what a repeated request or a
+    /// query may be told (DESIGN.md §4 rule 3). `None` until the acceptance is durable.
+    pub durable: Option<Outcome>,
 }
 
 impl Order {
@@ -173,6 +176,7 @@ impl Order {
             accepted_at_ms: now_ms,
             finished_at_ms: 0,
             queries: 0,
+            durable: None,
         }
     }
 

@@ -356,6 +356,11 @@ impl Engine {
             );
         }
         out.evicted = self.evict_final_orders_before(cutoff_ms);
+        // Everything recovered came from the journal (the FAILED states above are journaled
+        // by the caller before the switch serves anyone).
+        for mut o in self.orders.iter_mut() {
+            o.durable = Some(o.outcome);
+        }
         out
     }
 

@@ -80,6 +80,15 @@ fn pay_answer(d: &Dispatch, code: Code) -> DispatchResult {
     )
 }
 
+/// What the shell does once each journal record is durable.
+fn make_durable(e: &Engine, actions: &Actions) {
+    for a in actions {
+        if let Action::Journal(r) = a {
+            e.record_durable(r);
+        }
+    }
+}
+
 fn reply_status(actions: &Actions) -> Option<(Status, Reason)> {
     actions.iter().find_map(|a| match a {
         Action::Reply(lm::Message::DebitRsp(r)) => Some((r.result.status, r.result.reason)),
@@ -100,7 +109,20 @@ fn acceptance_journals_before_dispatch_and_final_journals_before_reply() {
         .iter()
         .any(|x| matches!(x, Action::Journal(Record::AttemptStarted { .. }))));
     let d = dispatch(&acts)[0].clone();
+    make_durable(&e, &acts);
     let after = e.dispatch_result(&d.token, pay_answer(&d, Code::OK), 1);
+    // Final in memory but its record not yet durable: a repeat still hears PENDING.
+    let repeat = e.debit(m(), &debit("O1", a, 100), 2);
+    assert_eq!(
+        reply_status(&repeat),
+        Some((Status::Pending, Reason::DUPLICATE_ORDER))
+    );
+    make_durable(&e, &after);
+    let repeat = e.debit(m(), &debit("O1", a, 100), 3);
+    assert_eq!(
+        reply_status(&repeat),
+        Some((Status::Success, Reason::DUPLICATE_ORDER))
+    );
     let j = after
         .iter()
         .position(|x| matches!(x, Action::Journal(Record::OrderFinal { .. })))
@@ -123,6 +145,14 @@ fn duplicate_and_conflict_never_dispatch() {
     let a = signed(&e, &["A"]);
     let acts = e.debit(m(), &debit("O1", a, 100), 0);
     assert_eq!(dispatch(&acts).len(), 1);
+    // Rule 3: before the acceptance is durable, a repeat is told nothing about it.
+    let early = e.debit(m(), &debit("O1", a, 100), 1);
+    assert!(dispatch(&early).is_empty());
+    assert_eq!(
+        reply_status(&early),
+        Some((Status::Busy, Reason::OVERLOADED))
+    );
+    make_durable(&e, &acts);
     let again = e.debit(m(), &debit("O1", a, 100), 1);
     assert!(dispatch(&again).is_empty());
     assert_eq!(
@@ -147,7 +177,8 @@ fn racing_acceptance_of_one_order_id_answers_duplicate_without_deadlock() {
     let (tx, rx) = std::sync::mpsc::channel();
     let e2 = e.clone();
     std::thread::spawn(move || {
-        e2.debit(m(), &debit("O1", a, 100), 0);
+        let first = e2.debit(m(), &debit("O1", a, 100), 0);
+        make_durable(&e2, &first);
         let acts = e2.accept_order(
             key,
             OrderKind::Debit { agreement: a },

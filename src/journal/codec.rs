@@ -533,6 +533,8 @@ pub(crate) fn decode_order(d: &mut Dec) -> Result<Order, DecodeError> {
         accepted_at_ms,
         finished_at_ms,
         queries: 0,
+        // Loaded from disk: durable by definition.
+        durable: Some(outcome),
     })
 }
 

@@ -93,6 +93,7 @@ pub fn all() -> Vec<Message> {
             id_no: id_no(),
             name: name(),
             phone: phone(),
+            mode: BindMode::Sign,
         }
         .into(),
         PreBindRsp {

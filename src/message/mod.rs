@@ -207,6 +207,8 @@ crate::wire::layout::messages! {
         name: Name,
         /// Bank-reserved mobile phone.
         phone: Phone,
+        /// 0 sign, 1 backup (sign the existing agreement on one more channel).
+        mode: BindMode,
     }
     /// Switch → lender: SMS sent (bind_ref set), or already signed (agreement_id set).
     PreBindRsp = 0x90, "PREBIND_RSP" {

@@ -272,6 +272,17 @@ code_enum!(
 );
 
 code_enum!(
+    /// What a PREBIND_REQ asks for.
+    BindMode, "u8 bind mode" {
+        /// Sign the card (idempotent: an already signed card answers ALREADY_SIGNED).
+        Sign = 0,
+        /// Sign the card's existing agreement on one more channel (backup channel), so
+        /// routing has an alternative; the agreement id stays the same.
+        Backup = 1,
+    }
+);
+
+code_enum!(
     /// Kind of order.
     OrderType, "u8 order type" {
         /// Debit of the card by agreement (collection, repayment).

@@ -228,6 +228,7 @@ pub fn prebind(card: &str, phone: &str) -> lm::PreBindReq {
         id_no: lm::IdNo::new(ID_NO).unwrap(),
         name: lm::Name::new("张三").unwrap(),
         phone: lm::Phone::new(phone).unwrap(),
+        mode: lm::BindMode::Sign,
     }
 }
 

@@ -66,7 +66,7 @@ def main() -> int:
         phone = "139" + run[-8:]
         elements = {"user_id": "U" + run, "card_type": 1, "bank_code": "ICBC",
                     "card_no": card, "id_no": "11010519491231002X", "name": "王小明",
-                    "phone": phone}
+                    "phone": phone, "mode": 0}
         r = c.request("PREBIND_REQ", elements, merchant)
         check("PREBIND (SMS sent)", r.result["status"] == SUCCESS and r.body["bind_ref"] != 0, r)
         r = c.request("BIND_CONFIRM_REQ", {"bind_ref": r.body["bind_ref"],
@@ -105,7 +105,7 @@ def main() -> int:
 
         card2 = luhn_card("62220298" + run[-10:])
         phone2 = "137" + run[-8:]
-        r = c.request("SIGN_AND_PAY_REQ", dict(elements, card_no=card2, phone=phone2,
+        r = c.request("SIGN_AND_PAY_REQ", dict({k: v for k, v in elements.items() if k != "mode"}, card_no=card2, phone=phone2,
                                                order_id="S" + run, amount=100,
                                                currency="CNY", purpose="首期"), merchant)
         check("SIGN_AND_PAY -> PENDING, SMS sent", r.result["status"] == PENDING

@@ -122,6 +122,7 @@ MESSAGES: Dict[str, Tuple[int, List[Field]]] = {
         ("id_no", 18, "ascii", "id_no"),
         ("name", 64, "utf8", "nonempty"),
         ("phone", 11, "digits", "phone"),
+        ("mode", 1, "u8", "bind_mode"),
     ]),
     "PREBIND_RSP": (0x90, [
         _R,
@@ -334,6 +335,8 @@ def _rule_problem(rule: str, v: Any) -> Optional[str]:
         return None if v != "" else "must not be empty"
     if rule == "card_type":
         return None if v in CARD_TYPE else f"card type {v} not in {sorted(CARD_TYPE)} (1 debit, 2 credit)"
+    if rule == "bind_mode":
+        return None if v in (0, 1) else f"bind mode {v} not in [0, 1] (0 sign, 1 backup)"
     if rule == "notify_kind":
         return None if v in NOTIFY_KIND else f"notify kind {v} not in {sorted(NOTIFY_KIND)}"
     if rule == "luhn":

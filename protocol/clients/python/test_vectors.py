@@ -143,7 +143,7 @@ HDR = {"request_id": 0x0102030405060708, "timestamp_ms": 1795399200000,
 
 PREBIND = {"user_id": "U000123", "card_type": 1, "bank_code": "ICBC",
            "card_no": "6222021234567890128", "id_no": "11010519491231002X",
-           "name": "张三", "phone": "13812345678"}
+           "name": "张三", "phone": "13812345678", "mode": 0}
 DEBIT = {"order_id": "ORD20261123000001", "agreement_id": 100000001,
          "amount": 150000, "currency": "CNY", "purpose": "贷款还款 第3期"}
 PAYOUT = {"order_id": "PAY1", "amount": 5000000, "currency": "CNY", "card_type": 1,
@@ -196,7 +196,7 @@ class Validation(unittest.TestCase):
         self.assertIn("greater than 0", str(e))
         self.assertFieldError("PAYOUT_REQ", {**PAYOUT, "amount": 0}, "amount", 2)
         sap = {**PREBIND, **DEBIT, "amount": 0}
-        del sap["agreement_id"]
+        del sap["agreement_id"], sap["mode"]
         self.assertFieldError("SIGN_AND_PAY_REQ", sap, "amount", 9)
 
     def test_amount_type_and_range(self):
