@@ -250,6 +250,36 @@ impl Bank {
         Ok(no)
     }
 
+    /// Record an agreement signed before the simulator started (stock agreements, load
+    /// tests): the card and ID are then "already signed" and `no` can be debited. False
+    /// when `no` is taken or the card and ID are signed under another number.
+    pub fn preload(
+        &mut self,
+        no: &str,
+        card: &str,
+        id_no: &str,
+        bank: &str,
+        card_type: CardType,
+    ) -> bool {
+        let key = (card.to_string(), id_no.to_string());
+        if self.agreements.contains_key(no) || self.by_card.contains_key(&key) {
+            return false;
+        }
+        self.agreements.insert(
+            no.to_string(),
+            Agreement {
+                no: no.to_string(),
+                card: card.to_string(),
+                bank: bank.to_string(),
+                card_type,
+                ended: false,
+                revoked: false,
+            },
+        );
+        self.by_card.insert(key, no.to_string());
+        true
+    }
+
     /// Cancel an agreement at the merchant's request.
     pub fn unsign(&mut self, no: &str) -> Code {
         match self.agreements.get_mut(no) {

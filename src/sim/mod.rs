@@ -44,7 +44,7 @@ use tokio_util::task::TaskTracker;
 use crate::channel::handshake::{self, Responded, ResponderParams, SessionKeys};
 use crate::channel::message::{self as cm, *};
 use crate::crypto::Identity;
-use crate::message::types::OrderType;
+use crate::message::types::{CardType, OrderType};
 use crate::wire::field::{Ascii, Digits};
 use crate::wire::header::MerchantNo;
 
@@ -377,6 +377,19 @@ impl SimHandle {
     /// Agreements issued so far.
     pub fn agreements_issued(&self) -> u64 {
         self.shared.bank().agreements_issued()
+    }
+
+    /// Load agreements signed before the simulator started: (agreement number, card
+    /// number, ID number, bank code, card type). Returns how many were new.
+    pub fn preload_agreements<'a>(
+        &self,
+        agreements: impl IntoIterator<Item = (&'a str, &'a str, &'a str, &'a str, CardType)>,
+    ) -> usize {
+        let mut bank = self.shared.bank();
+        agreements
+            .into_iter()
+            .filter(|(no, card, id_no, b, t)| bank.preload(no, card, id_no, b, *t))
+            .count()
     }
 
     /// Check the books add up (balance and daily usage versus the ledger).

@@ -1,0 +1,201 @@
+//! Engine hot path, each beside its naive alternative:
+//! - agreement lookup by id in the engine's `AgreementStore` (sharded `DashMap`) versus a
+//!   `Mutex<HashMap>` holding the same agreements, single-threaded and with two threads
+//!   reading at once;
+//! - the routing decision (`route_debit`, `route_card`) over a two-channel table;
+//! - `Engine::debit`: everything a DEBIT_REQ costs before I/O (duplicate check, agreement
+//!   lookup, routing, order creation, the journal record and the dispatch action).
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use sluice::channel::message::AgreementNo;
+use sluice::engine::agreement::{
+    Agreement, AgreementStore, ChannelAgreement, ChannelAgreementState, PiiHasher,
+    CHANNELS_PER_AGREEMENT_MAX,
+};
+use sluice::engine::route::{route_card, route_debit, Product};
+use sluice::engine::{ChannelConfig, ChannelTable, Engine, EngineConfig};
+use sluice::message::{self as lm, AgreementId, BankCode, CardType, ChannelId};
+use sluice::wire::field::Digits;
+use sluice::wire::header::MerchantNo;
+
+const AGREEMENTS: u64 = 1_000_000;
+
+fn merchant() -> MerchantNo {
+    MerchantNo::new("898100000000001").unwrap()
+}
+
+fn agreement(h: &PiiHasher, i: u64) -> Agreement {
+    let mut channels = [None; CHANNELS_PER_AGREEMENT_MAX];
+    for (slot, ch) in channels.iter_mut().zip(["CHA", "CHB"]) {
+        *slot = Some(ChannelAgreement {
+            channel: ChannelId::new(ch).unwrap(),
+            agreement_no: AgreementNo::new(&format!("P{ch}{i:012}")).unwrap(),
+            state: ChannelAgreementState::Active,
+        });
+    }
+    Agreement {
+        id: AgreementId(i + 1),
+        merchant: merchant(),
+        card_hash: h.card(&format!("6222{i:015}")),
+        id_hash: h.id(&format!("110105{i:011}X")),
+        card_last4: Digits::new(&format!("{:04}", i % 10_000)).unwrap(),
+        bank: BankCode::new("ICBC").unwrap(),
+        card_type: CardType::Debit,
+        cancelled: false,
+        channels,
+    }
+}
+
+fn table() -> ChannelTable {
+    ChannelTable {
+        channels: vec![ChannelConfig::open("CHA"), ChannelConfig::open("CHB")],
+    }
+}
+
+/// A well-mixed index, so lookups do not walk memory in order.
+fn mix(i: u64) -> u64 {
+    let mut z = i.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z ^ (z >> 31)
+}
+
+fn lookup(c: &mut Criterion) {
+    let h = PiiHasher::new(&[7u8; 32]);
+    let store = Arc::new(AgreementStore::new());
+    let mut naive: HashMap<AgreementId, Agreement> = HashMap::new();
+    for i in 0..AGREEMENTS {
+        let a = agreement(&h, i);
+        naive.insert(a.id, a.clone());
+        store.upsert(a);
+    }
+    let naive = Arc::new(Mutex::new(naive));
+    let mut g = c.benchmark_group("agreement_lookup_1M");
+    g.throughput(Throughput::Elements(1));
+    let mut i = 0u64;
+    g.bench_function("dashmap_store_get", |b| {
+        b.iter(|| {
+            i += 1;
+            black_box(store.get(AgreementId(mix(i) % AGREEMENTS + 1)))
+        })
+    });
+    g.bench_function("mutex_hashmap_get", |b| {
+        b.iter(|| {
+            i += 1;
+            let m = naive.lock().unwrap();
+            black_box(m.get(&AgreementId(mix(i) % AGREEMENTS + 1)).cloned())
+        })
+    });
+    // Two threads reading at once (the switch's two workers): time per lookup.
+    for (name, dash) in [
+        ("dashmap_store_get_2_threads", true),
+        ("mutex_hashmap_get_2_threads", false),
+    ] {
+        let (store, naive) = (store.clone(), naive.clone());
+        g.bench_function(name, move |b| {
+            b.iter_custom(|iters| {
+                let t = Instant::now();
+                std::thread::scope(|s| {
+                    for th in 0..2u64 {
+                        let (store, naive) = (&store, &naive);
+                        s.spawn(move || {
+                            for k in 0..iters / 2 {
+                                let id = AgreementId(mix(k * 2 + th) % AGREEMENTS + 1);
+                                if dash {
+                                    black_box(store.get(id));
+                                } else {
+                                    black_box(naive.lock().unwrap().get(&id).cloned());
+                                }
+                            }
+                        });
+                    }
+                });
+                t.elapsed()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn routing(c: &mut Criterion) {
+    let h = PiiHasher::new(&[7u8; 32]);
+    let a = agreement(&h, 42);
+    let t = table();
+    let bank = BankCode::new("ICBC").unwrap();
+    let mut g = c.benchmark_group("routing_decision");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function("route_debit_2_channels", |b| {
+        b.iter(|| black_box(route_debit(black_box(&t), black_box(&a), |_| true)))
+    });
+    g.bench_function("route_card_payout_2_channels", |b| {
+        b.iter(|| {
+            black_box(route_card(
+                black_box(&t),
+                Product::Payout,
+                black_box(&bank),
+                CardType::Debit,
+                |_| true,
+            ))
+        })
+    });
+    g.finish();
+}
+
+fn debit(c: &mut Criterion) {
+    let fresh = || {
+        let e = Engine::new(EngineConfig::default(), table(), &[7u8; 32], 10_000_000_000);
+        for i in 0..100_000 {
+            e.agreements().upsert(agreement(e.hasher(), i));
+        }
+        e
+    };
+    let mut engine = fresh();
+    let mut orders = 0u64;
+    let purpose = lm::Purpose::new("repayment").unwrap();
+    let mut g = c.benchmark_group("engine");
+    g.throughput(Throughput::Elements(1));
+    g.bench_function(BenchmarkId::new("debit_actions", "new_order"), |b| {
+        b.iter_custom(|iters| {
+            let mut spent = Duration::ZERO;
+            let mut left = iters;
+            while left > 0 {
+                // Keep the order map from growing without bound across samples.
+                if orders > 1_000_000 {
+                    engine = fresh();
+                    orders = 0;
+                }
+                let n = left.min(100_000);
+                let reqs: Vec<lm::DebitReq> = (0..n)
+                    .map(|k| lm::DebitReq {
+                        order_id: lm::OrderId::new(&format!("B{:x}", orders + k)).unwrap(),
+                        agreement_id: AgreementId(mix(orders + k) % 100_000 + 1),
+                        amount: lm::Fen(100),
+                        currency: lm::Currency,
+                        purpose,
+                    })
+                    .collect();
+                let t = Instant::now();
+                for r in &reqs {
+                    black_box(engine.debit(merchant(), r, 1_700_000_000_000));
+                }
+                spent += t.elapsed();
+                orders += n;
+                left -= n;
+            }
+            spent
+        })
+    });
+    g.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default()
+        .warm_up_time(Duration::from_secs(1))
+        .measurement_time(Duration::from_secs(3));
+    targets = lookup, routing, debit
+}
+criterion_main!(benches);
