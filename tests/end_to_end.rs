@@ -549,3 +549,96 @@ async fn backup_signing_gives_debits_a_second_channel() {
     .await
     .expect("bounded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_is_answered_busy_at_once() {
+    limit(async {
+        let bed = Bed::start_with(BedConfig {
+            inflight_max: 1,
+            ..BedConfig::default()
+        })
+        .await;
+        let c = bed.client().await;
+        let a = bed.sign(&c, CARD, PHONE).await;
+        bed.set_profile("CHA", |p| p.latency = Latency::Fixed { ms: 1500.0 });
+        let slow = c.call(debit("B-1", a, 100));
+        let fast = async {
+            // Let the first request take the session's only in-flight slot.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let t0 = std::time::Instant::now();
+            let r = c.call(debit("B-2", a, 100)).await.unwrap();
+            (r, t0.elapsed())
+        };
+        let (r1, (r2, waited)) = tokio::join!(slow, fast);
+        assert_eq!(status(&r1.unwrap()), Status::Success);
+        assert_eq!(
+            (status(&r2), result(&r2).reason),
+            (Status::Busy, Reason::OVERLOADED)
+        );
+        assert!(
+            waited < Duration::from_millis(1000),
+            "BUSY without waiting for the slot"
+        );
+        // Nothing was done for the BUSY order: the same id is accepted afterwards.
+        bed.set_profile("CHA", |p| p.latency = Latency::Fixed { ms: 0.0 });
+        let r = c.call(debit("B-2", a, 100)).await.unwrap();
+        assert_eq!(
+            (status(&r), result(&r).reason),
+            (Status::Success, Reason::OK)
+        );
+        assert_eq!(bed.ledger().len(), 2);
+    })
+    .await
+    .expect("bounded");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_is_closed_after_three_heartbeats() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    limit(async {
+        let bed = Bed::start().await;
+        let mut s = tokio::net::TcpStream::connect(bed.switch.addr)
+            .await
+            .unwrap();
+        let env = lm::Envelope {
+            request_id: 1,
+            timestamp_ms: sluice::app::now_ms(),
+            key_id: 1,
+            merchant: sluice::wire::header::MerchantNo::new(MERCHANT).unwrap(),
+            flags: 0,
+        };
+        let mut b = bytes::BytesMut::new();
+        let logon: Message = lm::LogonReq {
+            heartbeat_s: 5,
+            client_name: sluice::wire::field::Ascii::new("silent").unwrap(),
+        }
+        .into();
+        lm::encode(
+            &env,
+            &logon,
+            Some(&sluice::crypto::MacKey::new(&SECRET)),
+            &mut b,
+        );
+        s.write_all(&b).await.unwrap();
+        // Read everything the switch sends (LOGON_RSP, then ECHO_REQs it never gets
+        // answers to) until it closes the connection.
+        let t0 = std::time::Instant::now();
+        let mut buf = vec![0u8; 4096];
+        let mut got = 0;
+        loop {
+            match tokio::time::timeout(Duration::from_secs(30), s.read(&mut buf)).await {
+                Ok(Ok(0)) | Ok(Err(_)) => break,
+                Ok(Ok(n)) => got += n,
+                Err(_) => panic!("not closed within 30 s"),
+            }
+        }
+        let idle = t0.elapsed();
+        assert!(got > 0, "logon answered");
+        assert!(
+            idle >= Duration::from_secs(14) && idle < Duration::from_secs(25),
+            "closed after ~3 x 5 s of silence, took {idle:?}"
+        );
+    })
+    .await
+    .expect("bounded");
+}
