@@ -12,9 +12,15 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+use crate::engine::route::{
+    self, FeeModel, FeeTier, FundConfig, MerchantClass, ProductTerms, RoutingPolicy, Rule,
+    ScoreWeights,
+};
 use crate::engine::{ChannelConfig, EngineConfig, Product};
+use crate::health::HealthConfig;
 use crate::limits;
 use crate::message::{BankCode, CardType, ChannelId};
+use crate::wire::header::MerchantNo;
 
 /// Why the configuration cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -187,6 +193,209 @@ pub struct ChannelSection {
     /// `debit`, `credit`.
     #[serde(default = "all_card_types")]
     pub card_types: Vec<String>,
+    /// Merchant classes allowed (see `[routing.merchant_classes]`); empty = every merchant.
+    #[serde(default)]
+    pub merchant_classes: Vec<String>,
+    /// Preference among channels of similar score; lower first.
+    #[serde(default = "priority_default")]
+    pub priority: u32,
+    /// The channel's fixed UTC offset, minutes (service windows, days of daily limits).
+    #[serde(default = "china_offset")]
+    pub utc_offset_min: i32,
+    /// Local holidays, `YYYY-MM-DD`.
+    #[serde(default)]
+    pub holidays: Vec<String>,
+    /// `[channel.debit]`: debit terms.
+    #[serde(default)]
+    pub debit: ProductSection,
+    /// `[channel.payout]`: payout terms and fund position.
+    #[serde(default)]
+    pub payout: ProductSection,
+    /// `[channel.sign]`: signing terms.
+    #[serde(default)]
+    pub sign: ProductSection,
+}
+
+/// `[channel.debit]`, `[channel.payout]`, `[channel.sign]`: a channel's terms for one
+/// product. Zero means "no limit" for every limit.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProductSection {
+    /// Smallest amount per instruction, fen.
+    pub min_amount_fen: u64,
+    /// Largest amount per instruction, fen.
+    pub max_amount_fen: u64,
+    /// Per card and local day: most amount, fen.
+    pub card_daily_amount_fen: u64,
+    /// Per card and local day: most instructions.
+    pub card_daily_count: u32,
+    /// Fee: fixed part per instruction, fen.
+    pub fee_fixed_fen: u64,
+    /// Fee: proportional part, ppm of the amount (rounded up to a fen).
+    pub fee_rate_ppm: u32,
+    /// Fee: minimum, fen.
+    pub fee_min_fen: u64,
+    /// Fee: maximum, fen.
+    pub fee_max_fen: u64,
+    /// Fee: monthly volume tiers, ascending.
+    pub fee_tiers: Vec<FeeTierSection>,
+    /// Daily closed periods, local time.
+    pub closed: Vec<WindowSection>,
+    /// Closed on the channel's holidays.
+    pub holiday_closed: bool,
+    /// Payout only: prefunded balance at start, fen (absent = not tracked).
+    pub fund_fen: Option<u64>,
+    /// Payout only: alert when the available fund falls below this, fen.
+    pub fund_alert_fen: u64,
+}
+
+impl Default for ProductSection {
+    fn default() -> Self {
+        ProductSection {
+            min_amount_fen: 0,
+            max_amount_fen: 0,
+            card_daily_amount_fen: 0,
+            card_daily_count: 0,
+            fee_fixed_fen: 0,
+            fee_rate_ppm: 0,
+            fee_min_fen: 0,
+            fee_max_fen: 0,
+            fee_tiers: vec![],
+            closed: vec![],
+            holiday_closed: true,
+            fund_fen: None,
+            fund_alert_fen: 0,
+        }
+    }
+}
+
+/// One fee tier.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FeeTierSection {
+    /// Month-to-date volume from which `rate_ppm` applies, fen.
+    pub from_month_fen: u64,
+    /// Rate, ppm.
+    pub rate_ppm: u32,
+}
+
+/// One daily closed period.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WindowSection {
+    /// `HH:MM`, inclusive.
+    pub from: String,
+    /// `HH:MM`, exclusive (`24:00` allowed; before `from` = spans midnight).
+    pub to: String,
+}
+
+/// `[routing]`: how channels are ranked, per-merchant overrides, health thresholds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RoutingSection {
+    /// Share of instructions sent to another eligible channel first, ppm.
+    pub explore_ppm: u32,
+    /// An agreement's primary channel stays first while its success rate is at least
+    /// this, ppm.
+    pub sticky_min_success_ppm: u32,
+    /// Score weight of the success rate.
+    pub weight_stability: f64,
+    /// Score weight of latency.
+    pub weight_latency: f64,
+    /// Score weight of the fee.
+    pub weight_cost: f64,
+    /// Latency at which the latency term is one half, ms.
+    pub latency_ref_ms: u32,
+    /// Score band inside which channel `priority` decides.
+    pub score_band: f64,
+    /// Route to breaker-open channels when they are all that is left.
+    pub panic_routing: bool,
+    /// Merchant number → merchant class.
+    pub merchant_classes: std::collections::HashMap<String, String>,
+    /// `[[routing.rule]]`: overrides, first match wins.
+    pub rule: Vec<RuleSection>,
+    /// `[routing.health]`.
+    pub health: HealthSection,
+}
+
+impl Default for RoutingSection {
+    fn default() -> Self {
+        let p = RoutingPolicy::default();
+        RoutingSection {
+            explore_ppm: 10_000,
+            sticky_min_success_ppm: p.sticky_min_success_ppm,
+            weight_stability: p.weights.stability as f64,
+            weight_latency: p.weights.latency as f64,
+            weight_cost: p.weights.cost as f64,
+            latency_ref_ms: p.weights.latency_ref_ms,
+            score_band: p.weights.band as f64,
+            panic_routing: p.panic_routing,
+            merchant_classes: Default::default(),
+            rule: vec![],
+            health: HealthSection::default(),
+        }
+    }
+}
+
+/// `[[routing.rule]]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleSection {
+    /// Only this merchant number.
+    pub merchant: Option<String>,
+    /// Only merchants of this class.
+    pub merchant_class: Option<String>,
+    /// Only this product.
+    pub product: Option<String>,
+    /// Only amounts strictly below this, fen.
+    pub amount_below_fen: Option<u64>,
+    /// The channel placed first.
+    pub channel: String,
+    /// Exclude every other channel.
+    #[serde(default)]
+    pub exclusive: bool,
+}
+
+/// `[routing.health]`: see `crate::health` for the breaker's rules.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct HealthSection {
+    /// Sliding window, ms.
+    pub window_ms: u64,
+    /// Calls in the window before the failure rate counts.
+    pub min_calls: u32,
+    /// Failure share that opens the breaker, ppm.
+    pub failure_rate_ppm: u32,
+    /// Failures in a row that open the breaker (0 = off).
+    pub consecutive_failures: u32,
+    /// First open period, ms.
+    pub open_ms: u64,
+    /// Longest open period, ms.
+    pub open_max_ms: u64,
+    /// Probes in half-open.
+    pub half_open_probes: u32,
+}
+
+impl Default for HealthSection {
+    fn default() -> Self {
+        let h = HealthConfig::default();
+        HealthSection {
+            window_ms: h.window_ms,
+            min_calls: h.min_calls,
+            failure_rate_ppm: h.failure_rate_ppm,
+            consecutive_failures: h.consecutive_failures,
+            open_ms: h.open_ms,
+            open_max_ms: h.open_max_ms,
+            half_open_probes: h.half_open_probes,
+        }
+    }
+}
+
+fn priority_default() -> u32 {
+    100
+}
+fn china_offset() -> i32 {
+    480
 }
 
 fn yes() -> bool {
@@ -223,6 +432,9 @@ pub struct Config {
     /// `[[channel]]`, in priority order.
     #[serde(default, rename = "channel")]
     pub channels: Vec<ChannelSection>,
+    /// `[routing]`.
+    #[serde(default)]
+    pub routing: RoutingSection,
 }
 
 impl Config {
@@ -382,6 +594,140 @@ impl Config {
                     ));
                 }
             }
+            for m in &c.merchant_classes {
+                merchant_class(m).ok_or_else(|| {
+                    invalid(
+                        &k("merchant_classes"),
+                        m,
+                        "classes are 1–16 printable ASCII characters",
+                    )
+                })?;
+            }
+            if !(-720..=840).contains(&c.utc_offset_min) {
+                return Err(invalid(
+                    &k("utc_offset_min"),
+                    c.utc_offset_min,
+                    "must be -720..=840 (UTC-12 to UTC+14)",
+                ));
+            }
+            for d in &c.holidays {
+                route::parse_date(d)
+                    .ok_or_else(|| invalid(&k("holidays"), d, "dates are YYYY-MM-DD"))?;
+            }
+            for (name, p) in [
+                ("debit", &c.debit),
+                ("payout", &c.payout),
+                ("sign", &c.sign),
+            ] {
+                validate_product(&|f: &str| k(&format!("{name}.{f}")), name, p)?;
+            }
+        }
+        self.validate_routing()
+    }
+
+    fn validate_routing(&self) -> Result<(), ConfigError> {
+        let r = &self.routing;
+        if r.explore_ppm > 500_000 {
+            return Err(invalid(
+                "routing.explore_ppm",
+                r.explore_ppm,
+                "must be 0..=500000 (exploration is a small share of traffic)",
+            ));
+        }
+        if r.sticky_min_success_ppm > 1_000_000 {
+            return Err(invalid(
+                "routing.sticky_min_success_ppm",
+                r.sticky_min_success_ppm,
+                "must be 0..=1000000",
+            ));
+        }
+        for (key, v) in [
+            ("routing.weight_stability", r.weight_stability),
+            ("routing.weight_latency", r.weight_latency),
+            ("routing.weight_cost", r.weight_cost),
+            ("routing.score_band", r.score_band),
+        ] {
+            if !(v.is_finite() && (0.0..=1e6).contains(&v)) {
+                return Err(invalid(key, v, "must be a number in 0..=1000000"));
+            }
+        }
+        if r.latency_ref_ms == 0 {
+            return Err(invalid("routing.latency_ref_ms", 0, "must be at least 1"));
+        }
+        for (m, class) in &r.merchant_classes {
+            let key = format!("routing.merchant_classes.{m}");
+            if crate::wire::header::check_merchant(m).is_err() {
+                return Err(invalid(
+                    &key,
+                    m,
+                    "merchant numbers are 1–16 printable ASCII",
+                ));
+            }
+            merchant_class(class).ok_or_else(|| {
+                invalid(&key, class, "classes are 1–16 printable ASCII characters")
+            })?;
+        }
+        for (i, rule) in r.rule.iter().enumerate() {
+            let k = |f: &str| format!("routing.rule[{i}].{f}");
+            if !self.channels.iter().any(|c| c.id == rule.channel) {
+                return Err(invalid(
+                    &k("channel"),
+                    &rule.channel,
+                    "must name a configured [[channel]]",
+                ));
+            }
+            if let Some(m) = &rule.merchant {
+                if crate::wire::header::check_merchant(m).is_err() {
+                    return Err(invalid(
+                        &k("merchant"),
+                        m,
+                        "merchant numbers are 1–16 printable ASCII",
+                    ));
+                }
+            }
+            if let Some(c) = &rule.merchant_class {
+                merchant_class(c).ok_or_else(|| {
+                    invalid(
+                        &k("merchant_class"),
+                        c,
+                        "classes are 1–16 printable ASCII characters",
+                    )
+                })?;
+            }
+            if let Some(p) = &rule.product {
+                product(p)
+                    .ok_or_else(|| invalid(&k("product"), p, "must be debit, payout or sign"))?;
+            }
+        }
+        let h = &r.health;
+        let checks: [(&str, u64, u64, u64); 6] = [
+            ("window_ms", h.window_ms, 1_000, 3_600_000),
+            ("min_calls", h.min_calls as u64, 1, 1_000_000),
+            ("failure_rate_ppm", h.failure_rate_ppm as u64, 1, 1_000_000),
+            (
+                "consecutive_failures",
+                h.consecutive_failures as u64,
+                0,
+                10_000,
+            ),
+            ("open_ms", h.open_ms, 100, 3_600_000),
+            ("half_open_probes", h.half_open_probes as u64, 1, 1_000),
+        ];
+        for (f, v, lo, hi) in checks {
+            if !(lo..=hi).contains(&v) {
+                return Err(invalid(
+                    &format!("routing.health.{f}"),
+                    v,
+                    &format!("must be {lo}..={hi}"),
+                ));
+            }
+        }
+        if h.open_max_ms < h.open_ms || h.open_max_ms > 86_400_000 {
+            return Err(invalid(
+                "routing.health.open_max_ms",
+                h.open_max_ms,
+                "must be routing.health.open_ms..=86400000",
+            ));
         }
         Ok(())
     }
@@ -416,7 +762,68 @@ impl Config {
             notify_retry_ms: e.notify_retry_ms,
             notify_retry_max_ms: e.notify_retry_max_ms,
             ref_prefix,
+            routing: self.routing_policy(),
+            health: self.health_config(),
             ..EngineConfig::default()
+        }
+    }
+
+    /// The routing policy (validated already).
+    pub fn routing_policy(&self) -> RoutingPolicy {
+        let r = &self.routing;
+        RoutingPolicy {
+            weights: ScoreWeights {
+                stability: r.weight_stability as f32,
+                latency: r.weight_latency as f32,
+                cost: r.weight_cost as f32,
+                latency_ref_ms: r.latency_ref_ms,
+                band: r.score_band as f32,
+            },
+            explore_ppm: r.explore_ppm,
+            sticky_min_success_ppm: r.sticky_min_success_ppm,
+            panic_routing: r.panic_routing,
+            merchant_classes: r
+                .merchant_classes
+                .iter()
+                .filter_map(|(m, c)| Some((MerchantNo::new(m).ok()?, merchant_class(c)?)))
+                .collect(),
+            rules: r
+                .rule
+                .iter()
+                .filter_map(|x| {
+                    Some(Rule {
+                        merchant: match &x.merchant {
+                            Some(m) => Some(MerchantNo::new(m).ok()?),
+                            None => None,
+                        },
+                        merchant_class: match &x.merchant_class {
+                            Some(c) => Some(merchant_class(c)?),
+                            None => None,
+                        },
+                        product: match &x.product {
+                            Some(p) => Some(product(p)?),
+                            None => None,
+                        },
+                        amount_below_fen: x.amount_below_fen,
+                        channel: ChannelId::new(&x.channel).ok()?,
+                        exclusive: x.exclusive,
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    /// Health thresholds (validated already).
+    pub fn health_config(&self) -> HealthConfig {
+        let h = &self.routing.health;
+        HealthConfig {
+            window_ms: h.window_ms,
+            min_calls: h.min_calls,
+            failure_rate_ppm: h.failure_rate_ppm,
+            consecutive_failures: h.consecutive_failures,
+            open_ms: h.open_ms,
+            open_max_ms: h.open_max_ms,
+            half_open_probes: h.half_open_probes,
         }
     }
 
@@ -439,6 +846,23 @@ impl Config {
                     .filter_map(|b| BankCode::new(b).ok())
                     .collect(),
                 card_types: c.card_types.iter().filter_map(|t| card_type(t)).collect(),
+                merchant_classes: c
+                    .merchant_classes
+                    .iter()
+                    .filter_map(|m| merchant_class(m))
+                    .collect(),
+                priority: c.priority,
+                utc_offset_min: c.utc_offset_min,
+                holidays: c
+                    .holidays
+                    .iter()
+                    .filter_map(|d| route::parse_date(d))
+                    .collect(),
+                terms: [&c.debit, &c.payout, &c.sign].map(product_terms),
+                fund: c.payout.fund_fen.map(|f| FundConfig {
+                    initial_fen: f,
+                    alert_fen: c.payout.fund_alert_fen,
+                }),
             })
             .collect()
     }
@@ -451,6 +875,109 @@ fn product(s: &str) -> Option<Product> {
         "sign" => Some(Product::Sign),
         _ => None,
     }
+}
+
+fn merchant_class(s: &str) -> Option<MerchantClass> {
+    MerchantClass::new(s).ok().filter(|c| !c.is_empty())
+}
+
+fn product_terms(p: &ProductSection) -> ProductTerms {
+    ProductTerms {
+        min_amount_fen: p.min_amount_fen,
+        max_amount_fen: p.max_amount_fen,
+        card_daily_amount_fen: p.card_daily_amount_fen,
+        card_daily_count: p.card_daily_count,
+        fee: FeeModel {
+            fixed_fen: p.fee_fixed_fen,
+            rate_ppm: p.fee_rate_ppm,
+            min_fen: p.fee_min_fen,
+            max_fen: p.fee_max_fen,
+            tiers: p
+                .fee_tiers
+                .iter()
+                .map(|t| FeeTier {
+                    from_month_fen: t.from_month_fen,
+                    rate_ppm: t.rate_ppm,
+                })
+                .collect(),
+        },
+        closed: p
+            .closed
+            .iter()
+            .filter_map(|w| route::Window::parse(&w.from, &w.to))
+            .collect(),
+        holiday_closed: p.holiday_closed,
+    }
+}
+
+fn validate_product(
+    k: &dyn Fn(&str) -> String,
+    name: &str,
+    p: &ProductSection,
+) -> Result<(), ConfigError> {
+    if p.max_amount_fen > 0 && p.max_amount_fen < p.min_amount_fen {
+        return Err(invalid(
+            &k("max_amount_fen"),
+            p.max_amount_fen,
+            "must be 0 (no maximum) or at least min_amount_fen",
+        ));
+    }
+    if p.fee_rate_ppm > 1_000_000 {
+        return Err(invalid(
+            &k("fee_rate_ppm"),
+            p.fee_rate_ppm,
+            "must be 0..=1000000 (a fee above the amount is a typo)",
+        ));
+    }
+    if p.fee_max_fen > 0 && p.fee_max_fen < p.fee_min_fen {
+        return Err(invalid(
+            &k("fee_max_fen"),
+            p.fee_max_fen,
+            "must be 0 (no cap) or at least fee_min_fen",
+        ));
+    }
+    let mut last = None;
+    for t in &p.fee_tiers {
+        if t.rate_ppm > 1_000_000 {
+            return Err(invalid(
+                &k("fee_tiers.rate_ppm"),
+                t.rate_ppm,
+                "must be 0..=1000000",
+            ));
+        }
+        if last.is_some_and(|l| t.from_month_fen <= l) {
+            return Err(invalid(
+                &k("fee_tiers.from_month_fen"),
+                t.from_month_fen,
+                "tiers must be in strictly ascending from_month_fen",
+            ));
+        }
+        last = Some(t.from_month_fen);
+    }
+    for w in &p.closed {
+        if route::Window::parse(&w.from, &w.to).is_none() {
+            return Err(invalid(
+                &k("closed"),
+                format!("{}-{}", w.from, w.to),
+                "windows are HH:MM to HH:MM (24:00 allowed as an end), not empty",
+            ));
+        }
+    }
+    if name != "payout" && p.fund_fen.is_some() {
+        return Err(invalid(
+            &k("fund_fen"),
+            p.fund_fen.unwrap_or(0),
+            "a fund position applies to payouts only",
+        ));
+    }
+    if p.fund_fen.is_some_and(|f| f > i64::MAX as u64) {
+        return Err(invalid(
+            &k("fund_fen"),
+            p.fund_fen.unwrap_or(0),
+            "too large",
+        ));
+    }
+    Ok(())
 }
 
 fn card_type(s: &str) -> Option<CardType> {
@@ -546,6 +1073,66 @@ institution = "SLUICE01"
         let bad = MIN.replace("\"CHA\"", "\"TOOLONGID\"");
         let e = Config::parse(&bad, "t").unwrap_err().to_string();
         assert!(e.contains("channel[0].id"), "{e}");
+    }
+
+    #[test]
+    fn routing_options_map_to_the_router() {
+        let text = format!(
+            "{MIN}priority = 7\nutc_offset_min = 0\nholidays = [\"2024-10-01\"]\nmerchant_classes = [\"microloan\"]\n\
+             [channel.payout]\nmax_amount_fen = 5000000\ncard_daily_count = 3\nfee_rate_ppm = 1500\n\
+             fee_tiers = [{{ from_month_fen = 100, rate_ppm = 900 }}]\n\
+             closed = [{{ from = \"17:00\", to = \"21:00\" }}]\nfund_fen = 1000\nfund_alert_fen = 10\n\
+             [routing]\nexplore_ppm = 0\n[routing.merchant_classes]\n\"898100000000001\" = \"microloan\"\n\
+             [[routing.rule]]\nmerchant_class = \"microloan\"\nchannel = \"CHA\"\nexclusive = true\n\
+             [routing.health]\nopen_ms = 500\nopen_max_ms = 1000\n"
+        );
+        let c = Config::parse(&text, "t").unwrap();
+        let ch = &c.route_table()[0];
+        assert_eq!((ch.priority, ch.utc_offset_min), (7, 0));
+        assert_eq!(ch.holidays, vec![route::parse_date("2024-10-01").unwrap()]);
+        let t = ch.terms(Product::Payout);
+        assert_eq!(
+            (t.max_amount_fen, t.card_daily_count, t.fee.rate_ppm),
+            (5_000_000, 3, 1_500)
+        );
+        assert_eq!(t.fee.tiers.len(), 1);
+        assert_eq!(
+            t.closed,
+            vec![route::Window::parse("17:00", "21:00").unwrap()]
+        );
+        assert!(t.holiday_closed);
+        assert_eq!(ch.fund.unwrap().initial_fen, 1_000);
+        let e = c.engine_config("S".into());
+        assert_eq!(e.routing.explore_ppm, 0);
+        assert_eq!(e.routing.rules.len(), 1);
+        assert_eq!(e.routing.merchant_classes.len(), 1);
+        assert_eq!((e.health.open_ms, e.health.open_max_ms), (500, 1_000));
+        // Defaults keep an old config valid and the router open.
+        let d = Config::parse(MIN, "t").unwrap();
+        assert_eq!(d.route_table()[0].utc_offset_min, 480);
+        assert_eq!(d.engine_config("S".into()).health, HealthConfig::default());
+    }
+
+    #[test]
+    fn routing_errors_name_key_value_and_reason() {
+        let cases = [
+            ("[channel.payout]\nclosed = [{ from = \"17:00\", to = \"25:00\" }]\n", "channel[0].payout.closed = 17:00-25:00"),
+            ("[channel.debit]\nfund_fen = 5\n", "channel[0].debit.fund_fen = 5"),
+            ("[channel.payout]\nmin_amount_fen = 10\nmax_amount_fen = 5\n", "channel[0].payout.max_amount_fen = 5"),
+            ("[channel.payout]\nfee_tiers = [{ from_month_fen = 9, rate_ppm = 1 }, { from_month_fen = 9, rate_ppm = 1 }]\n", "fee_tiers.from_month_fen = 9"),
+            ("holidays = [\"2024-02-30\"]\n", "channel[0].holidays = 2024-02-30"),
+            ("utc_offset_min = 900\n", "channel[0].utc_offset_min = 900"),
+            ("[routing]\nexplore_ppm = 900000\n", "routing.explore_ppm = 900000"),
+            ("[[routing.rule]]\nchannel = \"NOPE\"\n", "routing.rule[0].channel = NOPE"),
+            ("[routing.health]\nopen_ms = 1000\nopen_max_ms = 10\n", "routing.health.open_max_ms = 10"),
+            ("[routing.health]\nhalf_open_probes = 0\n", "routing.health.half_open_probes = 0"),
+        ];
+        for (extra, want) in cases {
+            let e = Config::parse(&format!("{MIN}{extra}"), "t")
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{extra:?}: {e}");
+        }
     }
 
     #[test]

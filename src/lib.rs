@@ -12,6 +12,8 @@
 //! - [`limits`]: every bound, with its reason.
 //! - [`channel`]: the upstream channel link: layouts, response classes, session MAC, logon.
 //! - [`sim`]: the bundled channel simulator (agreements, ledger, injected faults), in-process.
+//! - [`health`]: per-channel sliding-window health, circuit breaker, operator override,
+//!   routing metrics (I/O-free; the engine's router reads it).
 //! - [`upstream`]: per-channel pools of persistent, pipelined, authenticated connections.
 //! - [`journal`]: the durable, group-committed log of engine records, snapshots, recovery.
 //! - [`recon`]: daily reconciliation of a channel's statement against sluice's own record.
@@ -23,6 +25,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod engine;
+pub mod health;
 pub mod import;
 pub mod journal;
 pub mod limits;

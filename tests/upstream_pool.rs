@@ -461,7 +461,7 @@ async fn reconnecting_never_gives_up() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn under_faults_every_order_is_executed_at_most_once_and_settles() {
-    timeout(Duration::from_secs(30), async {
+    timeout(Duration::from_secs(90), async {
         let profile = Profile {
             latency: Latency::Uniform {
                 min_ms: 0.0,
@@ -515,12 +515,18 @@ async fn under_faults_every_order_is_executed_at_most_once_and_settles() {
             .await
             .unwrap();
         for r in &unknown {
-            let m = s.pool.call(query(r), DL).await.unwrap();
-            assert_ne!(
-                m.result().unwrap().1,
-                RspClass::Processing,
-                "{r} still processing"
-            );
+            // Asynchronous results finalise after their delay; on a loaded machine that
+            // can take longer than the 10 ms configured, so query until final (bounded).
+            let mut tries = 0;
+            loop {
+                let m = s.pool.call(query(r), DL).await.unwrap();
+                if m.result().unwrap().1 != RspClass::Processing {
+                    break;
+                }
+                tries += 1;
+                assert!(tries < 100, "{r} still processing after 5 s");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
         assert_eq!(s.sim.duplicates(), 0, "no order reference executed twice");
         s.sim.check_consistency().unwrap();

@@ -20,6 +20,7 @@
 //! one notification id.
 
 pub mod agreement;
+pub mod limits_book;
 pub mod order;
 pub mod record;
 mod replay;
@@ -50,7 +51,12 @@ use agreement::{
 };
 use order::{AttemptResult, Order, OrderKey, OrderKind, Phase, Step};
 pub use record::Record;
-pub use route::{ChannelConfig, ChannelTable, Product};
+pub use route::{ChannelConfig, ChannelTable, Product, RoutingPolicy};
+
+use crate::health::{Health, HealthConfig, Observation, Override, RoutingMetrics};
+use limits_book::LimitsBook;
+use order::AttemptOutcome;
+use route::{ChannelState, Decision, LocalTime};
 
 /// Engine settings (times in milliseconds).
 #[derive(Debug, Clone)]
@@ -74,6 +80,10 @@ pub struct EngineConfig {
     /// Prefix of channel order references, unique per switch start (e.g. start time in
     /// base 36), so references never repeat across restarts.
     pub ref_prefix: String,
+    /// Merchant classes, rules, score weights, exploration, stickiness.
+    pub routing: RoutingPolicy,
+    /// Health windows and breaker thresholds.
+    pub health: HealthConfig,
 }
 
 impl Default for EngineConfig {
@@ -87,6 +97,8 @@ impl Default for EngineConfig {
             notify_retry_max_ms: 300_000,
             binds_max: 100_000,
             ref_prefix: "S".into(),
+            routing: RoutingPolicy::default(),
+            health: HealthConfig::default(),
         }
     }
 }
@@ -267,8 +279,30 @@ pub struct Engine {
     binds: DashMap<u64, PendingBind>,
     outbox: DashMap<u64, Outgoing>,
     seq: AtomicU64,
+    policy: ArcSwap<RoutingPolicy>,
+    health: Health,
+    book: LimitsBook,
+    /// The last routing decision per order (admin: "why this channel").
+    decisions: DashMap<OrderKey, Decision>,
+    /// What each open attempt holds in the limits book, released or spent once.
+    reservations: DashMap<OrderRef, Reservation>,
+    explore_seq: AtomicU64,
+    /// Set once any channel was marked up or down (until then routing skips the lookup).
+    up_marked: std::sync::atomic::AtomicBool,
     /// Counters.
     pub stats: EngineStats,
+}
+
+/// What an attempt holds in the [`LimitsBook`] until it is final.
+#[derive(Debug, Clone, Copy)]
+struct Reservation {
+    channel: ChannelId,
+    product: Product,
+    amount: u64,
+    /// Card counter held (card hash, local day).
+    card: Option<(PiiHash, i64)>,
+    /// Fund position held.
+    fund: bool,
 }
 
 impl std::fmt::Debug for Engine {
@@ -293,7 +327,17 @@ impl Engine {
     /// seeds ids (agreement ids, bind refs, notification ids) so they never repeat across
     /// restarts (the shell passes the start time in ms × 1000, or the journal's maximum).
     pub fn new(cfg: EngineConfig, table: ChannelTable, pii_secret: &[u8], seq_base: u64) -> Engine {
+        let health = Health::new(cfg.health.clone(), table.channels.iter().map(|c| c.id));
+        let book = LimitsBook::new();
+        book.configure_funds(&table);
         Engine {
+            policy: ArcSwap::from_pointee(cfg.routing.clone()),
+            health,
+            book,
+            decisions: DashMap::new(),
+            reservations: DashMap::new(),
+            explore_seq: AtomicU64::new(seq_base),
+            up_marked: std::sync::atomic::AtomicBool::new(false),
             cfg,
             table: ArcSwap::from_pointee(table),
             channel_up: DashMap::new(),
@@ -327,13 +371,225 @@ impl Engine {
         &self.hasher
     }
 
-    /// Replace the channel table (reload).
+    /// Replace the channel table (reload). Health, breakers, counters and fund balances
+    /// carry over; new channels start fresh.
     pub fn set_table(&self, table: ChannelTable) {
+        self.health.ensure(table.channels.iter().map(|c| c.id));
+        self.book.configure_funds(&table);
         self.table.store(Arc::new(table));
+    }
+
+    /// The channel table in use.
+    pub fn table(&self) -> Arc<ChannelTable> {
+        self.table.load_full()
+    }
+
+    /// Replace the routing policy (reload).
+    pub fn set_policy(&self, policy: RoutingPolicy) {
+        self.policy.store(Arc::new(policy));
+    }
+
+    /// Channel health (admin: overrides, breaker reset; metrics).
+    pub fn health(&self) -> &Health {
+        &self.health
+    }
+
+    /// Card counters, fund positions, volumes (admin: fund top-ups).
+    pub fn limits(&self) -> &LimitsBook {
+        &self.book
+    }
+
+    /// Operator switch for a channel and product. False for an unknown channel.
+    pub fn set_override(&self, channel: &ChannelId, product: Product, o: Override) -> bool {
+        self.health.set_override(channel, product.index(), o)
+    }
+
+    /// The last routing decision for an order: candidates in order (with score, fee and
+    /// what placed them) and why every other channel was excluded.
+    pub fn route_decision(&self, key: &OrderKey) -> Option<Decision> {
+        self.decisions.get(key).map(|d| d.clone())
+    }
+
+    /// Health, breaker, fund and volume figures (render with
+    /// [`RoutingMetrics::render_metrics`]).
+    pub fn routing_metrics(&self, now_ms: u64) -> RoutingMetrics {
+        RoutingMetrics {
+            health: self.health.snapshot(now_ms),
+            funds: self.book.funds_snapshot(),
+            volumes: self.book.volumes_snapshot(&self.table.load(), now_ms),
+        }
+    }
+
+    /// Forget per-card counters of past days (call every few minutes).
+    pub fn prune_limits(&self, now_ms: u64) {
+        self.book.prune(now_ms);
+    }
+
+    /// Route an instruction against the current table, policy and run-time state, without
+    /// accepting anything (admin "where would this go now", benches). `card` is the card
+    /// hash whose daily counters apply.
+    pub fn route_preview(&self, req: &route::Request<'_>, card: Option<&PiiHash>) -> Decision {
+        self.decide(req, card)
+    }
+
+    /// Route an instruction against the current table, policy and run-time state.
+    fn decide(&self, req: &route::Request<'_>, card: Option<&PiiHash>) -> Decision {
+        let table = self.table.load();
+        let policy = self.policy.load();
+        let pi = req.product.index();
+        let counters = match card {
+            Some(h) if req.product != Product::Sign => self.book.card_counters(h),
+            _ => Vec::new(),
+        };
+        let up_marked = self.up_marked.load(Ordering::Relaxed);
+        let states: Vec<ChannelState> = table
+            .channels
+            .iter()
+            .map(|c| {
+                let (health, operator) = self.health.route_view(&c.id, pi, req.now_ms);
+                let t = c.terms(req.product);
+                let mut st = ChannelState {
+                    up: !up_marked || self.is_up(&c.id),
+                    health,
+                    operator,
+                    ..ChannelState::default()
+                };
+                let limited = t.card_daily_amount_fen > 0 || t.card_daily_count > 0;
+                if (limited || !t.fee.tiers.is_empty()) && req.product != Product::Sign {
+                    let lt = LocalTime::at(req.now_ms, c.utc_offset_min);
+                    if let Some(x) = counters.iter().find(|x| {
+                        limited && x.channel == c.id && x.product == req.product && x.day == lt.day
+                    }) {
+                        (st.card_day_fen, st.card_day_count) = (x.amount_fen, x.count);
+                    }
+                    if !t.fee.tiers.is_empty() {
+                        st.month_volume_fen =
+                            self.book.month_volume(&c.id, req.product, lt.month());
+                    }
+                }
+                if req.product == Product::Payout && c.fund.is_some() {
+                    st.fund_available_fen = self.book.fund_available(&c.id);
+                }
+                st
+            })
+            .collect();
+        route::route(req, &table, &policy, &states)
+    }
+
+    /// A draw for exploration (splitmix64 of a counter: cheap, well spread).
+    fn explore_draw(&self) -> u64 {
+        let mut z = self
+            .explore_seq
+            .fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// Book an attempt starting on `channel`: breaker probe, card counter, fund position.
+    fn attempt_started(
+        &self,
+        kind: &OrderKind,
+        amount: u64,
+        channel: ChannelId,
+        order_ref: OrderRef,
+        now_ms: u64,
+    ) {
+        self.health.admit(&channel, now_ms);
+        let (product, card) = match kind {
+            OrderKind::Payout { card_hash } => (Product::Payout, Some(*card_hash)),
+            OrderKind::Debit { agreement } => (
+                Product::Debit,
+                self.agreements.get(*agreement).map(|a| a.card_hash),
+            ),
+        };
+        let table = self.table.load();
+        let Some(c) = table.channels.iter().find(|c| c.id == channel) else {
+            return;
+        };
+        let t = c.terms(product);
+        let card = card
+            .filter(|_| t.card_daily_amount_fen > 0 || t.card_daily_count > 0)
+            .map(|h| {
+                let day = LocalTime::at(now_ms, c.utc_offset_min).day;
+                self.book.reserve_card(&h, channel, product, day, amount);
+                (h, day)
+            });
+        let fund = product == Product::Payout && self.book.fund_reserve(&channel, amount);
+        self.reservations.insert(
+            order_ref,
+            Reservation {
+                channel,
+                product,
+                amount,
+                card,
+                fund,
+            },
+        );
+    }
+
+    /// Feed health with an attempt's first result, and release or spend what it holds
+    /// once its outcome is settled.
+    fn attempt_settled(
+        &self,
+        attempt: &order::Attempt,
+        prev: AttemptOutcome,
+        result: &AttemptResult,
+        now_ms: u64,
+    ) {
+        let cur = attempt.outcome;
+        if prev == AttemptOutcome::InFlight && cur != AttemptOutcome::InFlight {
+            let latency_ms = now_ms.saturating_sub(attempt.sent_at_ms);
+            let obs = match (cur, result) {
+                (AttemptOutcome::NotSent, _) => Observation::NotSent,
+                (AttemptOutcome::Unknown, _) => Observation::Timeout,
+                (_, AttemptResult::Answered { class, code, .. }) => {
+                    Observation::answered(*class, *code, latency_ms)
+                }
+                _ => Observation::Timeout,
+            };
+            self.health.record(&attempt.channel, obs, now_ms);
+        }
+        let done = matches!(cur, AttemptOutcome::Success(_));
+        let undone = cur.definitively_not_processed() || matches!(cur, AttemptOutcome::Declined(_));
+        if !(done || undone) {
+            return;
+        }
+        let Some((_, r)) = self.reservations.remove(&attempt.order_ref) else {
+            return;
+        };
+        if done {
+            if r.fund {
+                self.book.fund_spend(&r.channel, r.amount);
+            }
+            let offset = self
+                .table
+                .load()
+                .channels
+                .iter()
+                .find(|c| c.id == r.channel)
+                .map(|c| c.utc_offset_min)
+                .unwrap_or(480);
+            self.book.add_volume(
+                r.channel,
+                r.product,
+                LocalTime::at(now_ms, offset),
+                r.amount,
+            );
+        } else {
+            if r.fund {
+                self.book.fund_release(&r.channel, r.amount);
+            }
+            if let Some((card, day)) = r.card {
+                self.book
+                    .release_card(&card, r.channel, r.product, day, r.amount);
+            }
+        }
     }
 
     /// Mark a channel up (has a logged-on connection) or down.
     pub fn set_channel_up(&self, channel: ChannelId, up: bool) {
+        self.up_marked.store(true, Ordering::Relaxed);
         self.channel_up.insert(channel, up);
     }
 
@@ -396,21 +652,44 @@ impl Engine {
         if a.state() != lm::AgreementState::Active {
             return reject(Reason::AGREEMENT_REVOKED);
         }
-        let table = self.table.load();
-        let decision = route::route_debit(&table, &a, |c| self.is_up(c));
+        let decision = self.decide(
+            &route::Request {
+                product: Product::Debit,
+                merchant,
+                amount_fen: req.amount.0,
+                bank: a.bank,
+                card_type: a.card_type,
+                agreement: Some(&a),
+                now_ms,
+                explore: self.explore_draw(),
+            },
+            Some(&a.card_hash),
+        );
         if decision.candidates.is_empty() {
             return reject(Reason::NO_CHANNEL);
         }
-        self.accept_order(
+        let out = self.accept_order(
             key,
             kind,
             req.amount.0,
             req.purpose,
-            decision.candidates,
+            decision.candidates.clone(),
             None,
             now_ms,
             reply,
-        )
+        );
+        self.keep_decision(key, decision, &out);
+        out
+    }
+
+    /// Keep the decision of an order this request accepted (not of a duplicate).
+    fn keep_decision(&self, key: OrderKey, decision: Decision, out: &Actions) {
+        if out
+            .iter()
+            .any(|a| matches!(a, Action::Journal(Record::OrderAccepted { .. })))
+        {
+            self.decisions.insert(key, decision);
+        }
     }
 
     /// PAYOUT_REQ.
@@ -421,13 +700,18 @@ impl Engine {
         if let Some(dup) = self.duplicate(&key, &kind, req.amount.0) {
             return dup;
         }
-        let table = self.table.load();
-        let decision = route::route_card(
-            &table,
-            Product::Payout,
-            &req.bank_code,
-            req.card_type,
-            |c| self.is_up(c),
+        let decision = self.decide(
+            &route::Request {
+                product: Product::Payout,
+                merchant,
+                amount_fen: req.amount.0,
+                bank: req.bank_code,
+                card_type: req.card_type,
+                agreement: None,
+                now_ms,
+                explore: self.explore_draw(),
+            },
+            Some(&card_hash),
         );
         if decision.candidates.is_empty() {
             return vec![Action::Reply(
@@ -445,16 +729,18 @@ impl Engine {
             card_no: req.card_no,
             name: req.name,
         };
-        self.accept_order(
+        let out = self.accept_order(
             key,
             kind,
             req.amount.0,
             req.purpose,
-            decision.candidates,
+            decision.candidates.clone(),
             Some(card),
             now_ms,
             true,
-        )
+        );
+        self.keep_decision(key, decision, &out);
+        out
     }
 
     /// The answer to a repeated order request, or `None` when the order id is new.
@@ -514,6 +800,7 @@ impl Engine {
         }
         self.stats.orders_accepted.fetch_add(1, Ordering::Relaxed);
         self.by_ref.insert(order_ref, key);
+        self.attempt_started(&kind, amount, attempt.channel, order_ref, now_ms);
         if let Some(c) = card {
             self.payout_cards.insert(key, c);
         }
@@ -615,7 +902,9 @@ impl Engine {
         let Some(idx) = o.attempt_index(order_ref) else {
             return out;
         };
+        let prev = o.attempts[idx].outcome;
         let step = o.apply(idx, result, now_ms);
+        self.attempt_settled(&o.attempts[idx], prev, &result, now_ms);
         match step {
             Step::Final => {
                 self.stats.orders_final.fetch_add(1, Ordering::Relaxed);
@@ -652,8 +941,10 @@ impl Engine {
                 let attempt = *o
                     .start_next_attempt(next_ref, now_ms)
                     .expect("TryNext means another attempt is allowed");
+                let (kind, amount) = (o.kind, o.amount);
                 drop(o);
                 self.by_ref.insert(next_ref, *key);
+                self.attempt_started(&kind, amount, attempt.channel, next_ref, now_ms);
                 out.push(Action::Journal(Record::AttemptOutcome {
                     key: *key,
                     order_ref: *order_ref,
@@ -1131,10 +1422,19 @@ impl Engine {
                 )];
             }
         }
-        let table = self.table.load();
-        let mut decision = route::route_card(&table, Product::Sign, &b.bank, b.card_type, |c| {
-            self.is_up(c)
-        });
+        let mut decision = self.decide(
+            &route::Request {
+                product: Product::Sign,
+                merchant,
+                amount_fen: 0,
+                bank: b.bank,
+                card_type: b.card_type,
+                agreement: None,
+                now_ms,
+                explore: self.explore_draw(),
+            },
+            None,
+        );
         if let (true, Some(a)) = (b.backup, &existing) {
             // A backup goes to a channel the agreement is not signed on yet.
             decision.candidates.retain(|c| a.on_channel(c).is_none());

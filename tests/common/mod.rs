@@ -32,6 +32,8 @@ pub struct BedConfig {
     pub deadline: Duration,
     pub engine: EngineConfig,
     pub inflight_max: usize,
+    /// Routing settings of each channel by name (default: open to everything).
+    pub route: fn(&str) -> ChannelConfig,
 }
 
 impl Default for BedConfig {
@@ -47,6 +49,7 @@ impl Default for BedConfig {
                 ..EngineConfig::default()
             },
             inflight_max: 1024,
+            route: ChannelConfig::open,
         }
     }
 }
@@ -74,7 +77,7 @@ impl Bed {
             let mut pool = PoolConfig::new(vec![sim.addr()], INSTITUTION);
             pool.connections = 2;
             setups.push(ChannelSetup {
-                route: ChannelConfig::open(name),
+                route: (cfg.route)(name),
                 pool,
                 public_key: chan_id.public_key(),
             });
