@@ -149,7 +149,10 @@ enum Keygen {
 fn init_logs(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let b = tracing_subscriber::fmt().with_env_filter(filter);
+    // Logs go to stderr; stdout carries what commands print for people and scripts.
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
     } else {
@@ -494,10 +497,74 @@ async fn run(path: &Path) -> Result<()> {
     let running = sluice::run::start(sw).await?;
     tracing::info!(addr = %running.addr, "sluice listening");
     println!("sluice listening on {}", running.addr);
-    let stop = wait_for_stop(0).await;
+    let stop = loop {
+        match wait_for_stop_or_reload().await {
+            Signal::Stop(stop) => break stop,
+            Signal::Reload => match reload(path, &running) {
+                Ok(summary) => tracing::info!(%summary, "SIGHUP: reloaded keys and routes"),
+                Err(e) => tracing::error!(
+                    error = %e,
+                    "SIGHUP: reload refused; the running configuration is unchanged"
+                ),
+            },
+        }
+    };
     running.shutdown(stop.grace()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// What a signal asks for.
+enum Signal {
+    Stop(Stop),
+    Reload,
+}
+
+async fn wait_for_stop_or_reload() -> Signal {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let mut hup = signal(SignalKind::hangup()).expect("SIGHUP handler");
+        tokio::select! {
+            s = wait_for_stop(0) => Signal::Stop(s),
+            _ = hup.recv() => Signal::Reload,
+        }
+    }
+    #[cfg(not(unix))]
+    Signal::Stop(wait_for_stop(0).await)
+}
+
+/// SIGHUP: re-read the configuration and the merchant key file; swap in the keys, the
+/// channel table and the routing policy without touching sessions. Connection settings
+/// (addresses, pools, listener, journal) need a restart and are reported, not applied.
+fn reload(path: &Path, running: &sluice::run::Running) -> Result<String> {
+    let cfg = Config::load(path)?;
+    config::read_secret_file(&cfg.keys.merchant_keys)?;
+    let keys = crypto::read_key_file(&cfg.keys.merchant_keys)?;
+    let n_keys = keys.len();
+    let table = sluice::engine::ChannelTable {
+        channels: cfg.route_table(),
+    };
+    let unknown: Vec<String> = table
+        .channels
+        .iter()
+        .filter(|c| !running.pools.contains_key(&c.id))
+        .map(|c| c.id.to_string())
+        .collect();
+    if !unknown.is_empty() {
+        bail!(
+            "channels {unknown:?} have no connections in this process; adding a channel \
+             needs a restart"
+        );
+    }
+    let sw = &running.switch;
+    sw.keys.replace(keys);
+    sw.engine.set_table(table);
+    sw.engine.set_policy(cfg.routing_policy());
+    Ok(format!(
+        "{n_keys} merchant keys, {} channels",
+        cfg.channels.len()
+    ))
 }
 
 /// How the process was asked to stop.

@@ -117,3 +117,158 @@ institution = "SLUICE01"
     assert_eq!(engine.agreements().len(), 500);
     journal.close().unwrap();
 }
+
+/// `sluice run` as a process: SIGHUP swaps in new merchant keys without dropping the
+/// sessions already logged on; SIGTERM stops it cleanly.
+#[cfg(unix)]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_reloads_keys_on_sighup_and_stops_on_sigterm() {
+    use sluice::client::{Client, ClientConfig};
+    use sluice::message::{Message, Reason, Status};
+    use std::sync::Arc;
+    use std::time::Duration;
+    use tokio::io::{AsyncBufReadExt, BufReader};
+
+    let d = tempfile::tempdir().unwrap();
+    let dir = d.path();
+    std::fs::create_dir(dir.join("keys")).unwrap();
+    let pk = ok(&sluice(&["keygen", "identity", "keys/switch.ed25519"], dir));
+    ok(&sluice(
+        &[
+            "keygen",
+            "merchant",
+            "--merchant",
+            "M1",
+            "keys/merchants.txt",
+        ],
+        dir,
+    ));
+    ok(&sluice(&["keygen", "pii", "keys/pii.secret"], dir));
+    let switch_pk = sluice::config::parse_public_key(pk.trim()).unwrap();
+    let chan = Arc::new(sluice::crypto::Identity::from_seed(&[3u8; 32]));
+    let sim = sluice::sim::Simulator::start(sluice::sim::SimConfig::new(
+        chan.clone(),
+        "SLUICE01",
+        switch_pk,
+    ))
+    .await
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    std::fs::write(
+        dir.join("sluice.toml"),
+        format!(
+            r#"
+[server]
+listen = "127.0.0.1:{port}"
+[keys]
+merchant_keys = "keys/merchants.txt"
+switch_identity = "keys/switch.ed25519"
+pii_secret = "keys/pii.secret"
+[journal]
+dir = "data"
+[[channel]]
+id = "CHA"
+addresses = ["{}"]
+public_key = "{}"
+institution = "SLUICE01"
+connections = 1
+"#,
+            sim.addr(),
+            hex::encode(chan.public_key())
+        ),
+    )
+    .unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
+        .args(["run", "--config", "sluice.toml"])
+        .current_dir(dir)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap().to_string();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let listening = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
+        .await
+        .expect("started in time")
+        .unwrap()
+        .unwrap();
+    assert!(listening.contains("listening"), "{listening}");
+
+    let secret_of = |merchant: &str| -> Vec<u8> {
+        let text = std::fs::read_to_string(dir.join("keys/merchants.txt")).unwrap();
+        let line = text.lines().find(|l| l.starts_with(merchant)).unwrap();
+        hex::decode(line.split_whitespace().nth(2).unwrap()).unwrap()
+    };
+    let client = |merchant: &str, secret: Vec<u8>| ClientConfig {
+        merchant: merchant.into(),
+        key_id: 1,
+        secret,
+        auto_ack: true,
+        timeout: Duration::from_secs(5),
+    };
+    let addr: std::net::SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+    let c1 = Client::connect(addr, client("M1", secret_of("M1")))
+        .await
+        .unwrap();
+    let r = c1.logon().await.unwrap();
+    assert!(matches!(r.msg, Message::LogonRsp(ref l) if l.result.status == Status::Success));
+
+    ok(&sluice(
+        &[
+            "keygen",
+            "merchant",
+            "--merchant",
+            "M2",
+            "keys/merchants.txt",
+        ],
+        dir,
+    ));
+    let c2 = Client::connect(addr, client("M2", secret_of("M2")))
+        .await
+        .unwrap();
+    let before = c2.logon().await.unwrap();
+    let Message::Reject(rj) = before.msg else {
+        panic!("{before:?}")
+    };
+    assert_eq!(
+        rj.result.reason,
+        Reason::UNKNOWN_KEY,
+        "M2 unknown before the reload"
+    );
+
+    let hup = Command::new("kill").args(["-HUP", &pid]).status().unwrap();
+    assert!(hup.success());
+    let mut logged_on = false;
+    for _ in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let c = Client::connect(addr, client("M2", secret_of("M2")))
+            .await
+            .unwrap();
+        if matches!(c.logon().await.unwrap().msg, Message::LogonRsp(ref l) if l.result.status == Status::Success)
+        {
+            logged_on = true;
+            break;
+        }
+    }
+    assert!(logged_on, "M2 logs on after SIGHUP");
+    // The session that was logged on before the reload is still up.
+    let e = c1
+        .call(sluice::message::EchoReq { nonce: 9 })
+        .await
+        .unwrap();
+    assert!(matches!(e.msg, Message::EchoRsp(_)));
+
+    let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(term.success());
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .expect("stops after SIGTERM")
+        .unwrap();
+    assert!(status.success(), "{status:?}");
+    sim.shutdown().await;
+}
