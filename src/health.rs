@@ -716,6 +716,12 @@ impl Health {
         let mut g = c.lock();
         g.window.advance(now_ms);
         let t = g.window.total;
+        if t.ok + t.fail == 0 {
+            // The samples behind the cached p90 have left the window: the channel is
+            // unmeasured again (and scored as fast as the fastest), not stuck with the
+            // latency it had when traffic last went there.
+            g.p90_ms = None;
+        }
         HealthView {
             breaker: g.breaker.state(cfg, now_ms),
             success_ppm: smoothed_ppm(t.ok, t.fail),

@@ -14,6 +14,11 @@ use crate::message::{AgreementId, AgreementState, BankCode, CardType, ChannelId}
 use crate::wire::field::Digits;
 use crate::wire::header::MerchantNo;
 
+/// A `DashMap` with the Fx hasher, for keys no outsider chooses (ids sluice issues,
+/// keyed hashes, channel agreement numbers): SipHash's flooding resistance buys nothing
+/// there and costs a large share of a lookup (`benches/engine.rs`, recovery profile).
+pub type FxDashMap<K, V> = DashMap<K, V, rustc_hash::FxBuildHasher>;
+
 /// A keyed hash of a card or ID number: HMAC-SHA256 under the server's PII secret,
 /// truncated to 128 bits (collision-resistant for any realistic card population, and not
 /// reversible without the secret, unlike a plain hash of a 19-digit number).
@@ -159,9 +164,9 @@ impl Agreement {
 /// agreement number (for bank-side revocation notices).
 #[derive(Default)]
 pub struct AgreementStore {
-    by_id: DashMap<AgreementId, Agreement>,
-    by_card: DashMap<(MerchantNo, PiiHash), AgreementId>,
-    by_channel_no: DashMap<(ChannelId, AgreementNo), AgreementId>,
+    by_id: FxDashMap<AgreementId, Agreement>,
+    by_card: FxDashMap<(MerchantNo, PiiHash), AgreementId>,
+    by_channel_no: FxDashMap<(ChannelId, AgreementNo), AgreementId>,
 }
 
 impl AgreementStore {
