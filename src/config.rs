@@ -163,6 +163,21 @@ impl Default for JournalSection {
     }
 }
 
+/// `[admin]`: the operator's HTTP port (loopback by default, bearer token required).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminSection {
+    /// Address; keep it on loopback or a management network.
+    #[serde(default = "admin_listen")]
+    pub listen: SocketAddr,
+    /// File holding the bearer token (mode 0600; `sluice keygen pii` makes a suitable one).
+    pub token_file: PathBuf,
+}
+
+fn admin_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7480))
+}
+
 /// One `[[channel]]`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -429,6 +444,9 @@ pub struct Config {
     /// `[journal]`.
     #[serde(default)]
     pub journal: JournalSection,
+    /// `[admin]`: the operator's HTTP port; absent = no admin port.
+    #[serde(default)]
+    pub admin: Option<AdminSection>,
     /// `[[channel]]`, in priority order.
     #[serde(default, rename = "channel")]
     pub channels: Vec<ChannelSection>,
@@ -452,6 +470,12 @@ impl Config {
             &mut cfg.keys.pii_secret,
             &mut cfg.journal.dir,
         ] {
+            if p.is_relative() {
+                *p = base.join(&*p);
+            }
+        }
+        if let Some(a) = cfg.admin.as_mut() {
+            let p = &mut a.token_file;
             if p.is_relative() {
                 *p = base.join(&*p);
             }

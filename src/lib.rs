@@ -19,6 +19,7 @@
 //! - [`recon`]: daily reconciliation of a channel's statement against sluice's own record.
 #![warn(missing_docs)]
 
+pub mod admin;
 pub mod app;
 pub mod channel;
 pub mod client;

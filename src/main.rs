@@ -493,9 +493,23 @@ async fn run(path: &Path) -> Result<()> {
         connections_max: cfg.server.connections_max,
         channel_deadline: cfg.channel_deadline(),
         journal: journal_setup(&cfg.journal.dir, cfg.journal_policy()?),
+        admin: match &cfg.admin {
+            Some(a) => {
+                let t = config::read_secret_file(&a.token_file)?;
+                let token = String::from_utf8_lossy(&t).trim().to_string();
+                if token.len() < 16 {
+                    bail!(
+                        "{}: admin token must be at least 16 characters",
+                        a.token_file.display()
+                    );
+                }
+                Some((a.listen, token))
+            }
+            None => None,
+        },
     };
     let running = sluice::run::start(sw).await?;
-    tracing::info!(addr = %running.addr, "sluice listening");
+    tracing::info!(addr = %running.addr, admin = ?running.admin_addr, "sluice listening");
     println!("sluice listening on {}", running.addr);
     let stop = loop {
         match wait_for_stop_or_reload().await {
@@ -652,6 +666,10 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         )?;
     }
     let keys = KeyStore::load(&key_file)?;
+    let admin_token = hex::encode(crypto::random_secret());
+    let token_file = dir.join("admin.token");
+    let _ = std::fs::remove_file(&token_file);
+    config::write_secret_file(&token_file, admin_token.as_bytes())?;
     // The demo's channels are simulated afresh each run, so its journal starts empty too.
     let journal_dir = dir.join("journal");
     if journal_dir.exists() {
@@ -672,6 +690,7 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         connections_max: 256,
         channel_deadline: Duration::from_secs(2),
         journal: journal_setup(&journal_dir, Policy::Fsync),
+        admin: Some((SocketAddr::from(([127, 0, 0, 1], 0)), admin_token.clone())),
     })
     .await
     .with_context(|| format!("listening on {listen}"))?;
@@ -686,6 +705,12 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
     println!("  key file        {}", key_file.display());
     println!("  SMS codes       the phone's last six digits (deterministic demo mode)");
     println!("  journal         {} (fsync)", journal_dir.display());
+    if let Some(a) = running.admin_addr {
+        println!(
+            "  admin port      http://{a}/metrics  (token in {})",
+            token_file.display()
+        );
+    }
     println!();
     println!("Drive it with the Python client (standard library only):");
     println!(

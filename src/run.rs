@@ -58,6 +58,8 @@ pub struct SwitchConfig {
     pub channel_deadline: Duration,
     /// Journal.
     pub journal: JournalSetup,
+    /// Admin port address and bearer token (`None`: no admin port).
+    pub admin: Option<(SocketAddr, String)>,
 }
 
 /// Where engine records go.
@@ -102,6 +104,8 @@ pub struct Running {
     pub pools: HashMap<ChannelId, ChannelPool>,
     /// The durable journal, when configured.
     pub journal: Option<Journal>,
+    /// The admin port's address, when configured.
+    pub admin_addr: Option<SocketAddr>,
     /// What recovery found at start (durable journal only).
     pub recovery: Option<RecoveryReport>,
     listener_tracker: TaskTracker,
@@ -258,6 +262,15 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
     observe_pools(&switch, &pools);
     let stop = CancellationToken::new();
     let listener_tracker = TaskTracker::new();
+    let admin_addr = match cfg.admin {
+        Some((addr, token)) => {
+            let l = TcpListener::bind(addr).await?;
+            let a = l.local_addr()?;
+            listener_tracker.spawn(crate::admin::serve(l, switch.clone(), token, stop.clone()));
+            Some(a)
+        }
+        None => None,
+    };
     let t = listener_tracker.clone();
     listener_tracker.spawn(crate::server::serve(
         listener,
@@ -271,6 +284,7 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
         switch,
         pools,
         journal,
+        admin_addr,
         recovery,
         listener_tracker,
         stop,

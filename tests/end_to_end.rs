@@ -642,3 +642,72 @@ async fn a_silent_connection_is_closed_after_three_heartbeats() {
     .await
     .expect("bounded");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_port_imports_stock_agreements_and_serves_metrics() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    async fn http(addr: std::net::SocketAddr, req: String) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(req.as_bytes()).await.unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+    limit(async {
+        let bed = Bed::start().await;
+        let admin = bed.switch.admin_addr.expect("admin port");
+        let no_token = http(admin, "GET /metrics HTTP/1.1\r\n\r\n".into()).await;
+        assert!(no_token.starts_with("HTTP/1.1 401"), "{no_token}");
+
+        // The simulator knows the card's channel agreement; sluice learns it by import.
+        let c = bed.client().await;
+        let signed = bed.sign(&c, &card(5), "13600000005").await;
+        let no = bed
+            .switch
+            .switch
+            .engine
+            .agreements()
+            .get(lm::AgreementId(signed))
+            .unwrap()
+            .active_channels()
+            .next()
+            .unwrap()
+            .agreement_no;
+        let stock = card(6);
+        let csv = format!(
+            "merchant,user_id,card_no,id_no,bank_code,card_type,channel,channel_agreement_no\n\
+             {MERCHANT},U6,{stock},{ID_NO},ICBC,debit,CHA,{no}\n\
+             {MERCHANT},U7,6222021234567890127,{ID_NO},ICBC,debit,CHA,X1\n"
+        );
+        let r = http(
+            admin,
+            format!(
+                "POST /agreements/import HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\ncontent-length: {}\r\n\r\n{csv}",
+                csv.len()
+            ),
+        )
+        .await;
+        assert!(r.starts_with("HTTP/1.1 422"), "{r}");
+        assert!(r.contains("1 agreements imported, 1 bad lines"), "{r}");
+        assert!(r.contains("line 3:") && !r.contains("6222021234567890127"), "{r}");
+        // The imported card is signed for this merchant now: re-signing answers
+        // ALREADY_SIGNED with the imported agreement, and it can be debited.
+        let p = c.call(prebind(&stock, "13600000006")).await.unwrap();
+        let Message::PreBindRsp(p) = p.msg else { panic!() };
+        assert_eq!(p.result.reason, Reason::ALREADY_SIGNED);
+        let d = c.call(debit("IMP-1", p.agreement_id, 50)).await.unwrap();
+        assert_eq!(status(&d), Status::Success, "{d:?}");
+        assert!(bed.journal.records.load(std::sync::atomic::Ordering::Relaxed) > 0);
+
+        let m = http(
+            admin,
+            format!("GET /metrics HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"),
+        )
+        .await;
+        assert!(m.starts_with("HTTP/1.1 200"), "{m}");
+        assert!(m.contains("sluice_orders_accepted_total"), "{m}");
+        assert!(m.contains("sluice_request_latency_us{type=\"DEBIT_REQ\""), "{m}");
+    })
+    .await
+    .expect("bounded");
+}

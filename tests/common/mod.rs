@@ -22,6 +22,7 @@ pub const OTHER_MERCHANT: &str = "898100000000002";
 pub const SECRET: [u8; 32] = [0x42; 32];
 pub const OTHER_SECRET: [u8; 32] = [0x43; 32];
 pub const INSTITUTION: &str = "SLUICE01";
+pub const ADMIN_TOKEN: &str = "test-admin-token";
 pub const CARD: &str = "6222021234567890128";
 pub const ID_NO: &str = "11010519491231002X";
 pub const PHONE: &str = "13812345678";
@@ -100,6 +101,7 @@ impl Bed {
             connections_max: 64,
             channel_deadline: cfg.deadline,
             journal: sluice::run::JournalSetup::Memory(journal.clone()),
+            admin: Some(("127.0.0.1:0".parse().unwrap(), ADMIN_TOKEN.into())),
         })
         .await
         .expect("switch starts");
