@@ -10,6 +10,7 @@
 //! |---|---|
 //! | `GET /healthz` | `ok` while the process serves |
 //! | `GET /metrics` | Prometheus text: routing and channel health, lender latency, counters |
+//! | `GET /orders/MERCHANT/ORDER_ID` | an order's state, attempts and the router's decision |
 //! | `POST /agreements/import` | body: the stock import CSV (`src/import.rs`); each agreement is journaled before the answer |
 
 use std::fmt::Write as _;
@@ -117,6 +118,10 @@ async fn handle(mut s: TcpStream, sw: &Arc<Switch>, token: &str) -> std::io::Res
     match (method, path) {
         ("GET", "/healthz") => respond(&mut s, 200, "OK", "ok\n").await,
         ("GET", "/metrics") => respond(&mut s, 200, "OK", &metrics(sw)).await,
+        ("GET", p) if p.starts_with("/orders/") => match order_text(sw, &p["/orders/".len()..]) {
+            Some(t) => respond(&mut s, 200, "OK", &t).await,
+            None => respond(&mut s, 404, "Not Found", "no such order\n").await,
+        },
         ("POST", "/agreements/import") => {
             let Ok(text) = String::from_utf8(body) else {
                 return respond(&mut s, 400, "Bad Request", "body is not UTF-8\n").await;
@@ -162,6 +167,52 @@ async fn handle(mut s: TcpStream, sw: &Arc<Switch>, token: &str) -> std::io::Res
         }
         _ => respond(&mut s, 404, "Not Found", "unknown endpoint\n").await,
     }
+}
+
+/// `GET /orders/MERCHANT/ORDER_ID`: the order's state, every attempt, and the router's
+/// decision with the reason each other channel was excluded. No card data.
+fn order_text(sw: &Switch, rest: &str) -> Option<String> {
+    let (m, o) = rest.split_once('/')?;
+    let key = (
+        crate::wire::header::MerchantNo::new(m).ok()?,
+        crate::message::OrderId::new(o).ok()?,
+    );
+    let order = sw.engine.order(&key)?;
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "order {m}/{o}\nstatus {} reason {} channel_code {:?}\namount_fen {}\naccepted_at_ms {} finished_at_ms {}",
+        order.outcome.status.name(),
+        order.outcome.reason.name(),
+        order.outcome.channel_code.as_str(),
+        order.amount,
+        order.accepted_at_ms,
+        order.finished_at_ms
+    );
+    for (i, a) in order.attempts.iter().enumerate() {
+        let _ = writeln!(
+            out,
+            "attempt {} channel {} order_ref {} sent_at_ms {} outcome {:?}",
+            i + 1,
+            a.channel,
+            a.order_ref,
+            a.sent_at_ms,
+            a.outcome
+        );
+    }
+    if let Some(d) = sw.engine.route_decision(&key) {
+        for r in &d.ranked {
+            let _ = writeln!(
+                out,
+                "candidate {} score_milli {} fee_fen {} placement {:?}",
+                r.channel, r.score_milli, r.fee_fen, r.placement
+            );
+        }
+        for (c, why) in &d.excluded {
+            let _ = writeln!(out, "excluded {c} {}", why.name());
+        }
+    }
+    Some(out)
 }
 
 /// The Prometheus text exposition of everything the switch measures.

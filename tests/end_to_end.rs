@@ -707,6 +707,16 @@ async fn admin_port_imports_stock_agreements_and_serves_metrics() {
         assert!(m.starts_with("HTTP/1.1 200"), "{m}");
         assert!(m.contains("sluice_orders_accepted_total"), "{m}");
         assert!(m.contains("sluice_request_latency_us{type=\"DEBIT_REQ\""), "{m}");
+        let o = http(
+            admin,
+            format!(
+                "GET /orders/{MERCHANT}/IMP-1 HTTP/1.1\r\nauthorization: Bearer {ADMIN_TOKEN}\r\n\r\n"
+            ),
+        )
+        .await;
+        assert!(o.starts_with("HTTP/1.1 200"), "{o}");
+        assert!(o.contains("status SUCCESS") && o.contains("attempt 1 channel CHA"), "{o}");
+        assert!(o.contains("excluded CHB"), "CHB holds no agreement for the card: {o}");
     })
     .await
     .expect("bounded");
