@@ -263,6 +263,73 @@ connections = 1
         .unwrap();
     assert!(matches!(e.msg, Message::EchoRsp(_)));
 
+    // The channel table reloads too: sign a card, then disable CHA in the file and SIGHUP;
+    // new debits find no channel while the session stays up.
+    use sluice::message as lm;
+    let pre = c1
+        .call(lm::PreBindReq {
+            user_id: lm::UserId::new("U1").unwrap(),
+            card_type: lm::CardType::Debit,
+            bank_code: lm::BankCode::new("ICBC").unwrap(),
+            card_no: lm::CardNo::new("6222021234567890128").unwrap(),
+            id_no: lm::IdNo::new("11010519491231002X").unwrap(),
+            name: lm::Name::new("张三").unwrap(),
+            phone: lm::Phone::new("13812345678").unwrap(),
+            mode: lm::BindMode::Sign,
+        })
+        .await
+        .unwrap();
+    let Message::PreBindRsp(pre) = pre.msg else {
+        panic!("{pre:?}")
+    };
+    let code = sim.outbox().last().unwrap().code.clone();
+    let conf = c1
+        .call(lm::BindConfirmReq {
+            bind_ref: lm::BindRef(pre.bind_ref),
+            sms_code: lm::SmsCode::new(&code).unwrap(),
+        })
+        .await
+        .unwrap();
+    let Message::BindConfirmRsp(conf) = conf.msg else {
+        panic!("{conf:?}")
+    };
+    let debit = |id: &str| lm::DebitReq {
+        order_id: lm::OrderId::new(id).unwrap(),
+        agreement_id: lm::AgreementId(conf.agreement_id),
+        amount: lm::Fen(100),
+        currency: lm::Currency,
+        purpose: lm::Purpose::new("还款").unwrap(),
+    };
+    let r = c1.call(debit("H-1")).await.unwrap();
+    assert!(
+        matches!(r.msg, Message::DebitRsp(ref d) if d.result.status == Status::Success),
+        "{r:?}"
+    );
+    let cfg = std::fs::read_to_string(dir.join("sluice.toml")).unwrap();
+    std::fs::write(
+        dir.join("sluice.toml"),
+        cfg.replace("id = \"CHA\"", "id = \"CHA\"\nenabled = false"),
+    )
+    .unwrap();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let mut refused = false;
+    for i in 0..50 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let r = c1.call(debit(&format!("H-{}", i + 2))).await.unwrap();
+        if matches!(r.msg, Message::DebitRsp(ref d) if d.result.reason == Reason::NO_CHANNEL) {
+            refused = true;
+            break;
+        }
+    }
+    assert!(
+        refused,
+        "a disabled channel gets no new debits after SIGHUP"
+    );
+
     let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(term.success());
     let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
