@@ -206,6 +206,7 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
     );
     let mut pools = HashMap::new();
     let background = TaskTracker::new();
+    let shutdown = CancellationToken::new();
     for c in &cfg.channels {
         let (tx, mut rx) = mpsc::channel::<Unsolicited>(limits::WRITE_QUEUE_FRAMES);
         let mut pc = c.pool.clone();
@@ -214,8 +215,16 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
         pools.insert(c.route.id, pool);
         let id = c.route.id;
         let fwd = u_tx.clone();
+        let stop = shutdown.clone();
         background.spawn(async move {
-            while let Some(u) = rx.recv().await {
+            // Ends at shutdown too: the pool (which holds the sender) is closed only after
+            // the background tasks have drained.
+            loop {
+                let u = tokio::select! {
+                    _ = stop.cancelled() => return,
+                    u = rx.recv() => u,
+                };
+                let Some(u) = u else { return };
                 let item = match u {
                     Unsolicited::Notification { notify, ack } => (id, notify.into(), Some(ack)),
                     Unsolicited::Revocation { revoke, ack } => (id, revoke.into(), Some(ack)),
@@ -243,7 +252,7 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
             deadline: cfg.channel_deadline,
         }),
         journal: journal_sink,
-        shutdown: CancellationToken::new(),
+        shutdown,
         tracker: background,
     });
     switch.start_background(u_rx);
