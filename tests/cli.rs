@@ -1,6 +1,9 @@
 //! The `sluice` binary as an operator uses it: keygen, check-config, and a stock import
 //! written to the journal and recovered by an engine.
 
+#[path = "common/sign.rs"]
+mod sign;
+
 use std::path::Path;
 use std::process::Command;
 
@@ -266,36 +269,10 @@ connections = 1
     // The channel table reloads too: sign a card, then disable CHA in the file and SIGHUP;
     // new debits find no channel while the session stays up.
     use sluice::message as lm;
-    let pre = c1
-        .call(lm::PreBindReq {
-            user_id: lm::UserId::new("U1").unwrap(),
-            card_type: lm::CardType::Debit,
-            bank_code: lm::BankCode::new("ICBC").unwrap(),
-            card_no: lm::CardNo::new("6222021234567890128").unwrap(),
-            id_no: lm::IdNo::new("11010519491231002X").unwrap(),
-            name: lm::Name::new("张三").unwrap(),
-            phone: lm::Phone::new("13812345678").unwrap(),
-            mode: lm::BindMode::Sign,
-        })
-        .await
-        .unwrap();
-    let Message::PreBindRsp(pre) = pre.msg else {
-        panic!("{pre:?}")
-    };
-    let code = sim.outbox().last().unwrap().code.clone();
-    let conf = c1
-        .call(lm::BindConfirmReq {
-            bind_ref: lm::BindRef(pre.bind_ref),
-            sms_code: lm::SmsCode::new(&code).unwrap(),
-        })
-        .await
-        .unwrap();
-    let Message::BindConfirmRsp(conf) = conf.msg else {
-        panic!("{conf:?}")
-    };
+    let agreement = sign::sign_card(&c1, &sim, "6222021234567890128", "13812345678").await;
     let debit = |id: &str| lm::DebitReq {
         order_id: lm::OrderId::new(id).unwrap(),
-        agreement_id: lm::AgreementId(conf.agreement_id),
+        agreement_id: lm::AgreementId(agreement),
         amount: lm::Fen(100),
         currency: lm::Currency,
         purpose: lm::Purpose::new("还款").unwrap(),

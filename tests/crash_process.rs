@@ -4,6 +4,9 @@
 //! must show no order executed twice. Loopback only, bounded in time.
 #![cfg(unix)]
 
+#[path = "common/sign.rs"]
+mod sign;
+
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::process::Command;
@@ -196,35 +199,7 @@ connections = 2
     // Sign one card (its agreement survives every crash through the journal).
     let mut node = start(dir).await;
     let c = client(port, &secret).await;
-    let r = c
-        .call(lm::PreBindReq {
-            user_id: lm::UserId::new("U1").unwrap(),
-            card_type: lm::CardType::Debit,
-            bank_code: lm::BankCode::new("ICBC").unwrap(),
-            card_no: lm::CardNo::new("6222021234567890128").unwrap(),
-            id_no: lm::IdNo::new("11010519491231002X").unwrap(),
-            name: lm::Name::new("张三").unwrap(),
-            phone: lm::Phone::new("13812345678").unwrap(),
-            mode: lm::BindMode::Sign,
-        })
-        .await
-        .unwrap();
-    let Message::PreBindRsp(p) = r.msg else {
-        panic!("{r:?}")
-    };
-    let code = sim.outbox().last().unwrap().code.clone();
-    let r = c
-        .call(lm::BindConfirmReq {
-            bind_ref: lm::BindRef(p.bind_ref),
-            sms_code: lm::SmsCode::new(&code).unwrap(),
-        })
-        .await
-        .unwrap();
-    let Message::BindConfirmRsp(b) = r.msg else {
-        panic!("{r:?}")
-    };
-    let agreement = b.agreement_id;
-    assert_ne!(agreement, 0);
+    let agreement = sign::sign_card(&c, &sim, "6222021234567890128", "13812345678").await;
 
     // What the lender was told, per order id.
     let told: Arc<std::sync::Mutex<HashMap<String, Vec<Status>>>> = Default::default();
