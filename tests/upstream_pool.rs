@@ -481,6 +481,11 @@ async fn under_faults_every_order_is_executed_at_most_once_and_settles() {
         let n = 600;
         let mut tasks = Vec::new();
         for i in 0..n {
+            // Paced a little, so the load spans several disconnect/reconnect cycles
+            // instead of landing all at once on connections that may all be down.
+            if i % 5 == 0 {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
             let pool = s.pool.clone();
             tasks.push(tokio::spawn(async move {
                 let r = format!("P{i}");
