@@ -1,8 +1,8 @@
 //! The `sluice` binary as an operator uses it: keygen, check-config, and a stock import
 //! written to the journal and recovered by an engine.
 
-#[path = "common/sign.rs"]
-mod sign;
+#[path = "common/process.rs"]
+mod process;
 
 use std::path::Path;
 use std::process::Command;
@@ -130,7 +130,6 @@ async fn run_reloads_keys_on_sighup_and_stops_on_sigterm() {
     use sluice::message::{Message, Reason, Status};
     use std::sync::Arc;
     use std::time::Duration;
-    use tokio::io::{AsyncBufReadExt, BufReader};
 
     let d = tempfile::tempdir().unwrap();
     let dir = d.path();
@@ -185,22 +184,8 @@ connections = 1
         ),
     )
     .unwrap();
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config", "sluice.toml"])
-        .current_dir(dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap().to_string();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let listening = tokio::time::timeout(Duration::from_secs(20), lines.next_line())
-        .await
-        .expect("started in time")
-        .unwrap()
-        .unwrap();
-    assert!(listening.contains("listening"), "{listening}");
+    let mut node = process::start_switch(dir).await;
+    let pid = node.pid.clone();
 
     let secret_of = |merchant: &str| -> Vec<u8> {
         let text = std::fs::read_to_string(dir.join("keys/merchants.txt")).unwrap();
@@ -269,7 +254,7 @@ connections = 1
     // The channel table reloads too: sign a card, then disable CHA in the file and SIGHUP;
     // new debits find no channel while the session stays up.
     use sluice::message as lm;
-    let agreement = sign::sign_card(&c1, &sim, "6222021234567890128", "13812345678").await;
+    let agreement = process::sign_card(&c1, &sim, "6222021234567890128", "13812345678").await;
     let debit = |id: &str| lm::DebitReq {
         order_id: lm::OrderId::new(id).unwrap(),
         agreement_id: lm::AgreementId(agreement),
@@ -309,7 +294,7 @@ connections = 1
 
     let term = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
     assert!(term.success());
-    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+    let status = tokio::time::timeout(Duration::from_secs(20), node.child.wait())
         .await
         .expect("stops after SIGTERM")
         .unwrap();

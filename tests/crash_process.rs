@@ -4,8 +4,10 @@
 //! must show no order executed twice. Loopback only, bounded in time.
 #![cfg(unix)]
 
-#[path = "common/sign.rs"]
-mod sign;
+#[path = "common/process.rs"]
+mod process;
+
+use process::Node;
 
 use std::collections::{HashMap, HashSet};
 use std::path::Path;
@@ -16,7 +18,7 @@ use std::time::Duration;
 use sluice::client::{Client, ClientConfig};
 use sluice::message::{self as lm, Message, Status};
 use sluice::sim::{Latency, Profile, SimConfig, Simulator};
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const MERCHANT: &str = "898100000000001";
 const TOKEN: &str = "crash-test-admin-token";
@@ -33,31 +35,6 @@ fn sluice(args: &[&str], dir: &Path) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-struct Node {
-    child: tokio::process::Child,
-    pid: String,
-}
-
-async fn start(dir: &Path) -> Node {
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_sluice"))
-        .args(["run", "--config", "sluice.toml"])
-        .current_dir(dir)
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap().to_string();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let l = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
-        .await
-        .expect("started")
-        .unwrap()
-        .unwrap();
-    assert!(l.contains("listening"), "{l}");
-    Node { child, pid }
 }
 
 async fn kill9(n: &mut Node) {
@@ -197,9 +174,9 @@ connections = 2
     .unwrap();
 
     // Sign one card (its agreement survives every crash through the journal).
-    let mut node = start(dir).await;
+    let mut node = process::start_switch(dir).await;
     let c = client(port, &secret).await;
-    let agreement = sign::sign_card(&c, &sim, "6222021234567890128", "13812345678").await;
+    let agreement = process::sign_card(&c, &sim, "6222021234567890128", "13812345678").await;
 
     // What the lender was told, per order id.
     let told: Arc<std::sync::Mutex<HashMap<String, Vec<Status>>>> = Default::default();
@@ -243,7 +220,7 @@ connections = 2
         tokio::time::sleep(Duration::from_millis(200 + 150 * life)).await;
         kill9(&mut node).await;
         let _ = load.await;
-        node = start(dir).await;
+        node = process::start_switch(dir).await;
     }
 
     // Let recovered PENDING orders be queried to their final state.
