@@ -1,10 +1,13 @@
 //! Agreements: sluice's stable agreement id, mapped to one channel agreement number per
 //! signed channel; card and ID numbers kept only as keyed hashes plus the last four digits.
 //!
-//! Concurrency note: both maps are `DashMap`s. The index entry for (merchant, card hash)
-//! is inserted only after the agreement itself, so a reader that finds an id in the index
-//! always finds the agreement. Guards are never held across `.await` (the engine is
-//! synchronous).
+//! [`AgreementStore`] keeps them compact (see its layout note); lookups hand out copies
+//! ([`Agreement`]), changes go through [`AgreementStore::update`] under one chunk's lock.
+//! Locks are never held across `.await` (the engine is synchronous).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::RwLock;
 
 use dashmap::DashMap;
 use ring::hmac;
@@ -160,81 +163,654 @@ impl Agreement {
     }
 }
 
+/// Agreements per chunk of the record arena: a chunk holds the ids
+/// `first_id .. first_id + CHUNK`, so 256 ids sluice handed out in a row share one chunk.
+const CHUNK_BITS: u32 = 8;
+const CHUNK: usize = 1 << CHUNK_BITS;
+const CHUNK_MASK: u64 = CHUNK as u64 - 1;
+/// Bytes kept inline for the channel agreement numbers of one agreement: two numbers of
+/// the protocol's full width (32) always fit; a third that does not goes to the spill map.
+const NOS_INLINE: usize = 64;
+
+const F_PRESENT: u8 = 1;
+const F_CANCELLED: u8 = 2;
+/// The channel agreements did not fit inline; they are in `AgreementStore::spilled`.
+const F_SPILLED: u8 = 4;
+
+/// One agreement as stored: 128 bytes, no pointers. Merchant, bank and channel codes are
+/// indexes into small intern tables; the channel agreement numbers are packed back to
+/// back in `nos`. (An [`Agreement`] is ~200 bytes and kept three indexes of owned keys
+/// beside it; at 10M agreements that was 6.1 GiB — issue 7 asks for ≤ 2 GiB.)
+#[derive(Clone, Copy)]
+struct Packed {
+    card_hash: PiiHash,
+    id_hash: PiiHash,
+    merchant: u32,
+    bank: u32,
+    /// Interned channel index + 1 per slot of `Agreement::channels`; 0 = empty slot.
+    channels: [u32; CHANNELS_PER_AGREEMENT_MAX],
+    last4: [u8; 4],
+    nos: [u8; NOS_INLINE],
+    lens: [u8; CHANNELS_PER_AGREEMENT_MAX],
+    states: [u8; CHANNELS_PER_AGREEMENT_MAX],
+    card_type: u8,
+    flags: u8,
+}
+
+impl Packed {
+    const EMPTY: Packed = Packed {
+        card_hash: [0; 16],
+        id_hash: [0; 16],
+        merchant: 0,
+        bank: 0,
+        channels: [0; CHANNELS_PER_AGREEMENT_MAX],
+        last4: [0; 4],
+        nos: [0; NOS_INLINE],
+        lens: [0; CHANNELS_PER_AGREEMENT_MAX],
+        states: [0; CHANNELS_PER_AGREEMENT_MAX],
+        card_type: 0,
+        flags: 0,
+    };
+
+    fn present(&self) -> bool {
+        self.flags & F_PRESENT != 0
+    }
+}
+
+fn state_code(s: ChannelAgreementState) -> u8 {
+    match s {
+        ChannelAgreementState::Active => 0,
+        ChannelAgreementState::Cancelled => 1,
+        ChannelAgreementState::Revoked => 2,
+    }
+}
+
+fn state_from(c: u8) -> ChannelAgreementState {
+    match c {
+        0 => ChannelAgreementState::Active,
+        1 => ChannelAgreementState::Cancelled,
+        _ => ChannelAgreementState::Revoked,
+    }
+}
+
+/// A chunk of the arena.
+struct Chunk {
+    first_id: u64,
+    slots: RwLock<Box<[Packed]>>,
+}
+
+/// Small append-only table of codes (merchants, banks, channels) so a record stores a
+/// `u32` instead of the code. Codes are few (configured merchants and channels, bank
+/// codes); the table never shrinks.
+struct Interner<T> {
+    ids: FxDashMap<T, u32>,
+    list: boxcar::Vec<T>,
+}
+
+impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
+    fn new() -> Self {
+        Interner {
+            ids: FxDashMap::default(),
+            list: boxcar::Vec::new(),
+        }
+    }
+
+    fn intern(&self, v: T) -> u32 {
+        if let Some(i) = self.ids.get(&v) {
+            return *i;
+        }
+        *self
+            .ids
+            .entry(v)
+            .or_insert_with(|| u32::try_from(self.list.push(v)).expect("fewer than 2^32 codes"))
+    }
+
+    fn lookup(&self, v: &T) -> Option<u32> {
+        self.ids.get(v).map(|i| *i)
+    }
+
+    fn get(&self, i: u32) -> T {
+        // Indexes only come from `intern` of this table.
+        self.list[i as usize]
+    }
+}
+
+/// A 64-bit fingerprint stored as two `u32`s so an index entry is 12 bytes, not 16.
+#[derive(Clone, Copy, PartialEq, Eq)]
+struct Fp([u32; 2]);
+
+impl Fp {
+    fn of(v: u64) -> Fp {
+        Fp([v as u32, (v >> 32) as u32])
+    }
+
+    fn value(self) -> u64 {
+        u64::from(self.0[0]) | u64::from(self.0[1]) << 32
+    }
+}
+
+impl std::hash::Hash for Fp {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        state.write_u64(self.value());
+    }
+}
+
+// Fingerprints are already uniformly mixed: hashing them again is wasted time.
+impl nohash_hasher::IsEnabled for Fp {}
+
+type FpMap = HashMap<Fp, u32, nohash_hasher::BuildNoHashHasher<Fp>>;
+
+/// Shards of an index; picked by bits 32..38 of the fingerprint, which are used neither
+/// for the bucket (low bits) nor for the control byte (top 7 bits) of the shard's table.
+const INDEX_SHARDS: usize = 64;
+
+/// A sharded map from a 64-bit fingerprint to a record slot. A fingerprint says "look
+/// here": the record is always checked, and the rare key whose fingerprint is taken by
+/// another key is kept in a spill map beside the index.
+struct FpIndex {
+    shards: Box<[RwLock<FpMap>]>,
+}
+
+impl FpIndex {
+    fn new() -> FpIndex {
+        FpIndex {
+            shards: (0..INDEX_SHARDS)
+                .map(|_| RwLock::new(FpMap::default()))
+                .collect(),
+        }
+    }
+
+    fn shard(&self, fp: u64) -> &RwLock<FpMap> {
+        &self.shards[(fp >> 32) as usize % INDEX_SHARDS]
+    }
+
+    fn get(&self, fp: u64) -> Option<u32> {
+        read(self.shard(fp)).get(&Fp::of(fp)).copied()
+    }
+
+    /// Insert when free; otherwise the slot already there.
+    fn insert_or_get(&self, fp: u64, slot: u32) -> Result<(), u32> {
+        match write(self.shard(fp)).entry(Fp::of(fp)) {
+            std::collections::hash_map::Entry::Occupied(e) => Err(*e.get()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                e.insert(slot);
+                Ok(())
+            }
+        }
+    }
+
+    fn reserve(&self, n: usize) {
+        for s in self.shards.iter() {
+            write(s).reserve(n / INDEX_SHARDS + 1);
+        }
+    }
+}
+
+fn read<T>(l: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    // A panic never leaves a record half-written (each write is one assignment), so a
+    // poisoned lock still guards consistent data.
+    l.read().unwrap_or_else(|e| e.into_inner())
+}
+
+fn write<T>(l: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    l.write().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The murmur3 finaliser: spreads every input bit over the whole word.
+fn fmix64(mut k: u64) -> u64 {
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    k ^= k >> 33;
+    k = k.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    k ^ (k >> 33)
+}
+
+/// Fingerprint of (merchant, card hash). The card hash is a keyed HMAC, already uniform.
+fn card_fp(merchant: u32, card_hash: &PiiHash) -> u64 {
+    let mut h = [0u8; 8];
+    h.copy_from_slice(&card_hash[..8]);
+    u64::from_le_bytes(h) ^ fmix64(u64::from(merchant) + 1)
+}
+
+/// Fingerprint of (channel, channel agreement number): FNV-1a, then mixed.
+fn no_fp(channel: u32, no: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325 ^ u64::from(channel);
+    for &b in no {
+        h = (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3);
+    }
+    fmix64(h)
+}
+
 /// All agreements, by id, with the index by (merchant, card hash) and by channel
 /// agreement number (for bank-side revocation notices).
-#[derive(Default)]
+///
+/// Layout (issue 7: 10M agreements in ≤ 2 GiB, lookup ≤ 200 ns): records live in an
+/// arena of fixed-size chunks, one chunk per run of 256 consecutive ids (ids come from
+/// [`AgreementStore::next_id`], so they are dense); a lookup by id is one small directory
+/// probe and one read of a 128-byte record under its chunk's lock. The two secondary
+/// indexes map a 64-bit fingerprint to a 32-bit slot number (12 bytes an entry), and the
+/// record is checked on every hit, so a fingerprint collision costs a spill-map entry,
+/// never a wrong answer.
+///
+/// Concurrency: a record is written before any index points at it, so a reader that
+/// finds a slot in an index finds the record. Lock order: chunk, then intern tables or
+/// the spill maps; no path holds an index shard while taking a chunk lock.
 pub struct AgreementStore {
-    by_id: FxDashMap<AgreementId, Agreement>,
-    by_card: FxDashMap<(MerchantNo, PiiHash), AgreementId>,
-    by_channel_no: FxDashMap<(ChannelId, AgreementNo), AgreementId>,
+    /// `id >> CHUNK_BITS` → chunk ordinal in `chunks`.
+    dir: FxDashMap<u64, u32>,
+    chunks: boxcar::Vec<Chunk>,
+    by_card: FpIndex,
+    by_channel_no: FpIndex,
+    /// Keys whose fingerprint another slot holds in the index (a fingerprint collision,
+    /// or a second holder of the same key).
+    card_spill: FxDashMap<(u32, PiiHash), u32>,
+    no_spill: FxDashMap<(u32, AgreementNo), u32>,
+    spills: AtomicUsize,
+    /// Channel agreements of records whose numbers do not fit inline, by slot.
+    spilled: FxDashMap<u32, [Option<ChannelAgreement>; CHANNELS_PER_AGREEMENT_MAX]>,
+    merchants: Interner<MerchantNo>,
+    banks: Interner<BankCode>,
+    channel_codes: Interner<ChannelId>,
+    len: AtomicUsize,
+    next_id: AtomicU64,
+    card_fp: fn(u32, &PiiHash) -> u64,
+    no_fp: fn(u32, &[u8]) -> u64,
+}
+
+impl Default for AgreementStore {
+    fn default() -> Self {
+        AgreementStore::new()
+    }
 }
 
 impl AgreementStore {
-    /// An empty store.
+    /// An empty store; ids start at 1 (see [`AgreementStore::advance_ids_past`]).
     pub fn new() -> AgreementStore {
-        AgreementStore::default()
+        AgreementStore {
+            dir: FxDashMap::default(),
+            chunks: boxcar::Vec::new(),
+            by_card: FpIndex::new(),
+            by_channel_no: FpIndex::new(),
+            card_spill: FxDashMap::default(),
+            no_spill: FxDashMap::default(),
+            spills: AtomicUsize::new(0),
+            spilled: FxDashMap::default(),
+            merchants: Interner::new(),
+            banks: Interner::new(),
+            channel_codes: Interner::new(),
+            len: AtomicUsize::new(0),
+            next_id: AtomicU64::new(1),
+            card_fp,
+            no_fp,
+        }
+    }
+
+    /// A store whose fingerprints all collide: every secondary-index key but the first
+    /// goes through the spill maps (tests of the collision path).
+    #[cfg(test)]
+    fn with_colliding_fingerprints() -> AgreementStore {
+        AgreementStore {
+            card_fp: |_, _| 42,
+            no_fp: |_, _| 42,
+            ..AgreementStore::new()
+        }
     }
 
     /// Number of agreements.
     pub fn len(&self) -> usize {
-        self.by_id.len()
+        self.len.load(Ordering::Relaxed)
     }
 
     /// True when empty.
     pub fn is_empty(&self) -> bool {
-        self.by_id.is_empty()
+        self.len() == 0
+    }
+
+    /// A new agreement id. Agreement ids have their own sequence so that they are dense
+    /// (the arena stores runs of consecutive ids together).
+    pub fn next_id(&self) -> AgreementId {
+        AgreementId(self.next_id.fetch_add(1, Ordering::Relaxed))
+    }
+
+    /// The id [`AgreementStore::next_id`] would hand out now.
+    pub fn peek_next_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    /// Make every later [`AgreementStore::next_id`] at least `id + 1`.
+    pub fn advance_ids_past(&self, id: u64) {
+        self.next_id
+            .fetch_max(id.saturating_add(1), Ordering::Relaxed);
+    }
+
+    /// Make room for `agreements` more agreements in the indexes (recovery, bulk import),
+    /// so they are not rebuilt while growing.
+    pub fn reserve(&self, agreements: usize) {
+        self.by_card.reserve(agreements);
+        self.by_channel_no.reserve(agreements.saturating_mul(2));
+    }
+
+    fn slot_of(&self, id: u64) -> Option<u32> {
+        let ord = *self.dir.get(&(id >> CHUNK_BITS))?;
+        Some(ord << CHUNK_BITS | (id & CHUNK_MASK) as u32)
+    }
+
+    /// The slot for `id`, creating its chunk when needed.
+    fn slot_for_new(&self, id: u64) -> u32 {
+        if let Some(s) = self.slot_of(id) {
+            return s;
+        }
+        let key = id >> CHUNK_BITS;
+        let ord = *self.dir.entry(key).or_insert_with(|| {
+            let ord = self.chunks.push(Chunk {
+                first_id: key << CHUNK_BITS,
+                slots: RwLock::new(vec![Packed::EMPTY; CHUNK].into_boxed_slice()),
+            });
+            assert!(
+                ord < 1 << (32 - CHUNK_BITS),
+                "agreement arena full (2^24 chunks)"
+            );
+            ord as u32
+        });
+        ord << CHUNK_BITS | (id & CHUNK_MASK) as u32
+    }
+
+    fn chunk(&self, slot: u32) -> &Chunk {
+        // Slots only come from `slot_of`/`slot_for_new`, whose chunk exists.
+        &self.chunks[(slot >> CHUNK_BITS) as usize]
+    }
+
+    fn id_of(&self, slot: u32) -> u64 {
+        self.chunk(slot).first_id + u64::from(slot) % CHUNK as u64
+    }
+
+    /// Run `f` on the record in `slot` if one is there.
+    fn with<R>(&self, slot: u32, f: impl FnOnce(&Packed) -> R) -> Option<R> {
+        let g = read(&self.chunk(slot).slots);
+        let p = &g[slot as usize % CHUNK];
+        p.present().then(|| f(p))
+    }
+
+    fn pack(&self, a: &Agreement, slot: u32) -> Packed {
+        let mut p = Packed {
+            card_hash: a.card_hash,
+            id_hash: a.id_hash,
+            merchant: self.merchants.intern(a.merchant),
+            bank: self.banks.intern(a.bank),
+            card_type: a.card_type as u8,
+            flags: F_PRESENT | if a.cancelled { F_CANCELLED } else { 0 },
+            ..Packed::EMPTY
+        };
+        p.last4[..a.card_last4.as_bytes().len()].copy_from_slice(a.card_last4.as_bytes());
+        let inline: usize = a
+            .channels
+            .iter()
+            .flatten()
+            .map(|c| c.agreement_no.as_str().len())
+            .sum();
+        if inline <= NOS_INLINE {
+            let mut at = 0;
+            for (i, c) in a.channels.iter().enumerate() {
+                if let Some(c) = c {
+                    let no = c.agreement_no.as_str().as_bytes();
+                    p.channels[i] = self.channel_codes.intern(c.channel) + 1;
+                    p.states[i] = state_code(c.state);
+                    p.lens[i] = no.len() as u8;
+                    p.nos[at..at + no.len()].copy_from_slice(no);
+                    at += no.len();
+                }
+            }
+            self.spilled.remove(&slot);
+        } else {
+            p.flags |= F_SPILLED;
+            self.spilled.insert(slot, a.channels);
+        }
+        p
+    }
+
+    fn channels_of(
+        &self,
+        p: &Packed,
+        slot: u32,
+    ) -> [Option<ChannelAgreement>; CHANNELS_PER_AGREEMENT_MAX] {
+        if p.flags & F_SPILLED != 0 {
+            return self.spilled.get(&slot).map(|c| *c).unwrap_or_default();
+        }
+        let mut out = [None; CHANNELS_PER_AGREEMENT_MAX];
+        let mut at = 0;
+        for (i, o) in out.iter_mut().enumerate() {
+            if p.channels[i] == 0 {
+                continue;
+            }
+            let no = &p.nos[at..at + p.lens[i] as usize];
+            at += no.len();
+            *o = Some(ChannelAgreement {
+                channel: self.channel_codes.get(p.channels[i] - 1),
+                // Stored from a valid AgreementNo.
+                agreement_no: AgreementNo::new(std::str::from_utf8(no).unwrap_or(""))
+                    .expect("stored agreement number"),
+                state: state_from(p.states[i]),
+            });
+        }
+        out
+    }
+
+    fn unpack(&self, id: u64, slot: u32, p: &Packed) -> Agreement {
+        let last4_len = p.last4.iter().position(|&b| b == 0).unwrap_or(4);
+        Agreement {
+            id: AgreementId(id),
+            merchant: self.merchants.get(p.merchant),
+            card_hash: p.card_hash,
+            id_hash: p.id_hash,
+            // Stored from valid values.
+            card_last4: Digits::new(std::str::from_utf8(&p.last4[..last4_len]).unwrap_or(""))
+                .expect("stored last four digits"),
+            bank: self.banks.get(p.bank),
+            card_type: CardType::from_u8(p.card_type).expect("stored card type"),
+            cancelled: p.flags & F_CANCELLED != 0,
+            channels: self.channels_of(p, slot),
+        }
     }
 
     /// A copy of an agreement.
     pub fn get(&self, id: AgreementId) -> Option<Agreement> {
-        self.by_id.get(&id).map(|a| a.clone())
+        let slot = self.slot_of(id.0)?;
+        let p = self.with(slot, |p| *p)?;
+        Some(self.unpack(id.0, slot, &p))
+    }
+
+    /// The slot holding (merchant, card): the spill map first (exact keys, latest
+    /// holder), then the index (checked against the record).
+    fn card_slot(&self, merchant: u32, card_hash: &PiiHash) -> Option<u32> {
+        let holds = |slot: u32| {
+            self.with(slot, |p| {
+                p.merchant == merchant && &p.card_hash == card_hash
+            })
+        };
+        if self.spills.load(Ordering::Relaxed) != 0 {
+            if let Some(s) = self.card_spill.get(&(merchant, *card_hash)).map(|s| *s) {
+                if holds(s) == Some(true) {
+                    return Some(s);
+                }
+            }
+        }
+        let slot = self.by_card.get((self.card_fp)(merchant, card_hash))?;
+        (holds(slot) == Some(true)).then_some(slot)
     }
 
     /// The agreement of this merchant for this card, if any.
     pub fn find_by_card(&self, merchant: &MerchantNo, card_hash: &PiiHash) -> Option<AgreementId> {
-        self.by_card.get(&(*merchant, *card_hash)).map(|v| *v)
+        let m = self.merchants.lookup(merchant)?;
+        self.card_slot(m, card_hash)
+            .map(|s| AgreementId(self.id_of(s)))
     }
 
-    /// The agreement behind a channel agreement number.
+    fn has_no(&self, slot: u32, channel: u32, no: &AgreementNo) -> bool {
+        let code = self.channel_codes.get(channel);
+        self.with(slot, |p| {
+            self.channels_of(p, slot)
+                .iter()
+                .flatten()
+                .any(|c| c.channel == code && &c.agreement_no == no)
+        }) == Some(true)
+    }
+
+    /// The agreement behind a channel agreement number: the spill map first (exact keys,
+    /// latest holder), then the index (checked against the record). One number held by
+    /// two agreements (one card signed by two merchants: the channel issues one agreement
+    /// per card) answers its latest holder.
     pub fn find_by_channel_no(&self, channel: &ChannelId, no: &AgreementNo) -> Option<AgreementId> {
-        self.by_channel_no.get(&(*channel, *no)).map(|v| *v)
+        let c = self.channel_codes.lookup(channel)?;
+        let spilled = if self.spills.load(Ordering::Relaxed) != 0 {
+            self.no_spill
+                .get(&(c, *no))
+                .map(|s| *s)
+                .filter(|&s| self.has_no(s, c, no))
+        } else {
+            None
+        };
+        let slot = spilled.or_else(|| {
+            self.by_channel_no
+                .get((self.no_fp)(c, no.as_str().as_bytes()))
+                .filter(|&s| self.has_no(s, c, no))
+        })?;
+        Some(AgreementId(self.id_of(slot)))
+    }
+
+    /// Point (merchant, card) at `slot`: in the index when its fingerprint is free (or
+    /// already points here), otherwise in the spill map.
+    fn index_card(&self, merchant: u32, card_hash: &PiiHash, slot: u32) {
+        let fp = (self.card_fp)(merchant, card_hash);
+        match self.by_card.insert_or_get(fp, slot) {
+            Ok(()) => {}
+            Err(s) if s == slot => {}
+            Err(_) => {
+                self.card_spill.insert((merchant, *card_hash), slot);
+                self.spills.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn index_no(&self, ca: &ChannelAgreement, slot: u32) {
+        let c = self.channel_codes.intern(ca.channel);
+        let fp = (self.no_fp)(c, ca.agreement_no.as_str().as_bytes());
+        match self.by_channel_no.insert_or_get(fp, slot) {
+            Ok(()) => {}
+            Err(s) if s == slot => {}
+            Err(_) => {
+                self.no_spill.insert((c, ca.agreement_no), slot);
+                self.spills.fetch_add(1, Ordering::Relaxed);
+            }
+        }
     }
 
     /// Insert a new agreement or merge the channel agreements into the existing one for the
     /// same (merchant, card). Returns the agreement's id.
     pub fn upsert(&self, a: Agreement) -> AgreementId {
-        let key = (a.merchant, a.card_hash);
-        if let Some(existing) = self.find_by_card(&a.merchant, &a.card_hash) {
-            if let Some(mut cur) = self.by_id.get_mut(&existing) {
+        let m = self.merchants.intern(a.merchant);
+        if let Some(slot) = self.card_slot(m, &a.card_hash) {
+            let id = self.id_of(slot);
+            let merged = {
+                let mut g = write(&self.chunk(slot).slots);
+                let p = &mut g[slot as usize % CHUNK];
+                p.present().then(|| {
+                    let mut cur = self.unpack(id, slot, p);
+                    for ca in a.channels.iter().flatten() {
+                        cur.add_channel(*ca);
+                    }
+                    cur.cancelled = false;
+                    *p = self.pack(&cur, slot);
+                })
+            };
+            if merged.is_some() {
                 for ca in a.channels.iter().flatten() {
-                    cur.add_channel(*ca);
-                    self.by_channel_no
-                        .insert((ca.channel, ca.agreement_no), existing);
+                    self.index_no(ca, slot);
                 }
-                cur.cancelled = false;
-                return existing;
+                return AgreementId(id);
             }
         }
+        self.insert_new(a, m)
+    }
+
+    /// Store an agreement exactly as given, without looking for one of the same card
+    /// first (restoring a snapshot, whose entries are distinct agreements). Another
+    /// agreement of the same (merchant, card) stays stored; card lookups find this one.
+    pub fn insert_exact(&self, a: Agreement) -> AgreementId {
+        let m = self.merchants.intern(a.merchant);
+        self.insert_new(a, m)
+    }
+
+    fn insert_new(&self, a: Agreement, merchant: u32) -> AgreementId {
         let id = a.id;
-        for ca in a.channels.iter().flatten() {
-            self.by_channel_no.insert((ca.channel, ca.agreement_no), id);
+        self.advance_ids_past(id.0);
+        let slot = self.slot_for_new(id.0);
+        let was_present = {
+            let packed = self.pack(&a, slot);
+            let mut g = write(&self.chunk(slot).slots);
+            let p = &mut g[slot as usize % CHUNK];
+            let was = p.present();
+            *p = packed;
+            was
+        };
+        if !was_present {
+            self.len.fetch_add(1, Ordering::Relaxed);
         }
-        self.by_id.insert(id, a);
-        self.by_card.insert(key, id);
+        for ca in a.channels.iter().flatten() {
+            self.index_no(ca, slot);
+        }
+        self.index_card(merchant, &a.card_hash, slot);
         id
     }
 
-    /// Visit every agreement (journal snapshots). Holds one shard's read lock at a time;
+    /// Visit every agreement (journal snapshots). Holds one chunk's read lock at a time;
     /// `f` must not touch the store.
     pub fn for_each(&self, mut f: impl FnMut(&Agreement)) {
-        for a in self.by_id.iter() {
-            f(a.value());
+        for (ord, chunk) in self.chunks.iter() {
+            let g = read(&chunk.slots);
+            for (off, p) in g.iter().enumerate() {
+                if p.present() {
+                    let slot = (ord << CHUNK_BITS | off) as u32;
+                    f(&self.unpack(chunk.first_id + off as u64, slot, p));
+                }
+            }
         }
     }
 
-    /// Change an agreement in place under its shard lock.
+    /// Change an agreement in place under its chunk's lock. New channel agreement
+    /// numbers are indexed.
     pub fn update<R>(&self, id: AgreementId, f: impl FnOnce(&mut Agreement) -> R) -> Option<R> {
-        self.by_id.get_mut(&id).map(|mut a| f(&mut a))
+        let slot = self.slot_of(id.0)?;
+        let (r, before, after) = {
+            let mut g = write(&self.chunk(slot).slots);
+            let p = &mut g[slot as usize % CHUNK];
+            if !p.present() {
+                return None;
+            }
+            let mut a = self.unpack(id.0, slot, p);
+            let before = a.clone();
+            let r = f(&mut a);
+            a.id = id;
+            *p = self.pack(&a, slot);
+            (r, before, a)
+        };
+        for ca in after.channels.iter().flatten() {
+            let known = before
+                .channels
+                .iter()
+                .flatten()
+                .any(|b| b.channel == ca.channel && b.agreement_no == ca.agreement_no);
+            if !known {
+                self.index_no(ca, slot);
+            }
+        }
+        if (after.merchant, after.card_hash) != (before.merchant, before.card_hash) {
+            self.index_card(
+                self.merchants.intern(after.merchant),
+                &after.card_hash,
+                slot,
+            );
+        }
+        Some(r)
     }
 }
 
@@ -293,5 +869,267 @@ mod tests {
             }
         });
         assert_eq!(s.get(id).unwrap().state(), AgreementState::Revoked);
+    }
+
+    #[test]
+    fn record_is_128_bytes() {
+        assert_eq!(std::mem::size_of::<Packed>(), 128);
+        assert_eq!(std::mem::size_of::<(Fp, u32)>(), 12);
+    }
+
+    #[test]
+    fn long_numbers_spill_and_come_back() {
+        for s in [
+            AgreementStore::new(),
+            AgreementStore::with_colliding_fingerprints(),
+        ] {
+            let long = |c: char| format!("{c}").repeat(32);
+            let mut a = agreement(7, "6222021234567890128", "CHA", &long('a'));
+            a.add_channel(ChannelAgreement {
+                channel: ChannelId::new("CHB").unwrap(),
+                agreement_no: AgreementNo::new(&long('b')).unwrap(),
+                state: ChannelAgreementState::Active,
+            });
+            let id = s.upsert(a.clone());
+            assert_eq!(s.get(id).unwrap(), a, "two full-width numbers fit inline");
+            // A third full-width number does not fit inline: it spills, and still reads back.
+            let c = agreement(8, "6222021234567890128", "CHC", &long('c'));
+            assert_eq!(s.upsert(c), id);
+            let got = s.get(id).unwrap();
+            assert_eq!(got.active_channels().count(), 3);
+            for (ch, no) in [("CHA", 'a'), ("CHB", 'b'), ("CHC", 'c')] {
+                let (ch, no) = (
+                    ChannelId::new(ch).unwrap(),
+                    AgreementNo::new(&long(no)).unwrap(),
+                );
+                assert_eq!(got.on_channel(&ch).unwrap().agreement_no, no);
+                assert_eq!(s.find_by_channel_no(&ch, &no), Some(id));
+            }
+            // Revoking the third channel shrinks nothing, and the record stays exact.
+            s.update(id, |a| a.channels[2] = None);
+            let mut want = got.clone();
+            want.channels[2] = None;
+            assert_eq!(s.get(id).unwrap(), want);
+        }
+    }
+
+    /// A card hash whose fingerprint equals `base`'s (same first 8 bytes).
+    #[test]
+    fn fingerprint_collisions_never_give_a_wrong_answer() {
+        let s = AgreementStore::new();
+        let a = agreement(1, "6222021234567890128", "CHA", "A-1");
+        let mut b = agreement(2, "6222020000000000016", "CHA", "A-2");
+        b.card_hash[..8].copy_from_slice(&a.card_hash[..8]);
+        assert_ne!(a.card_hash, b.card_hash);
+        let (ia, ib) = (s.upsert(a.clone()), s.upsert(b.clone()));
+        assert_ne!(ia, ib);
+        assert_eq!(s.find_by_card(&a.merchant, &a.card_hash), Some(ia));
+        assert_eq!(s.find_by_card(&b.merchant, &b.card_hash), Some(ib));
+        let mut c = a.clone();
+        c.card_hash[15] ^= 1;
+        assert_eq!(s.find_by_card(&c.merchant, &c.card_hash), None);
+    }
+
+    #[test]
+    fn concurrent_writers_and_readers_see_every_agreement() {
+        let s = AgreementStore::new();
+        let h = PiiHasher::new(&[5u8; 32]);
+        const PER: u64 = 2_000;
+        std::thread::scope(|sc| {
+            for t in 0..4u64 {
+                let (s, h) = (&s, &h);
+                sc.spawn(move || {
+                    for i in 0..PER {
+                        let n = t * PER + i;
+                        let card = format!("6222{n:015}");
+                        let mut a = agreement(0, "6222021234567890128", "CHA", &format!("A-{n}"));
+                        a.id = s.next_id();
+                        a.card_hash = h.card(&card);
+                        let id = s.upsert(a.clone());
+                        // Readers racing the writers always find what was written.
+                        assert_eq!(s.get(id).unwrap(), a);
+                        assert_eq!(s.find_by_card(&a.merchant, &a.card_hash), Some(id));
+                    }
+                });
+            }
+        });
+        assert_eq!(s.len() as u64, 4 * PER);
+        let mut n = 0;
+        s.for_each(|a| {
+            n += 1;
+            let no = a.channels[0].unwrap();
+            assert_eq!(
+                s.find_by_channel_no(&no.channel, &no.agreement_no),
+                Some(a.id)
+            );
+        });
+        assert_eq!(n, 4 * PER);
+    }
+
+    mod model {
+        use super::*;
+        use proptest::prelude::*;
+        use std::collections::HashMap;
+
+        #[derive(Debug, Clone)]
+        enum Op {
+            /// Upsert card `card` of merchant `m` signed on channel `ch` with number `no`.
+            Upsert {
+                m: u8,
+                card: u8,
+                ch: u8,
+                no: u8,
+                long: bool,
+            },
+            /// Set one channel's state of an agreement picked by `pick`.
+            Revoke {
+                pick: u8,
+                slot: u8,
+            },
+            Cancel {
+                pick: u8,
+            },
+        }
+
+        fn op() -> impl Strategy<Value = Op> {
+            prop_oneof![
+                6 => (0..3u8, 0..12u8, 0..4u8, 0..20u8, any::<bool>())
+                    .prop_map(|(m, card, ch, no, long)| Op::Upsert { m, card, ch, no, long }),
+                2 => (any::<u8>(), 0..3u8).prop_map(|(pick, slot)| Op::Revoke { pick, slot }),
+                1 => any::<u8>().prop_map(|pick| Op::Cancel { pick }),
+            ]
+        }
+
+        fn no(ch: u8, no: u8, long: bool) -> AgreementNo {
+            let s = format!("N{ch}-{no}");
+            let s = if long { format!("{s:X<32}") } else { s };
+            AgreementNo::new(&s).unwrap()
+        }
+
+        /// The old store, written plainly: what the compact one must behave like.
+        #[derive(Default)]
+        struct Model {
+            by_id: HashMap<AgreementId, Agreement>,
+            by_card: HashMap<(MerchantNo, PiiHash), AgreementId>,
+            /// Every agreement that ever held a (channel, number).
+            holders: HashMap<(ChannelId, AgreementNo), std::collections::HashSet<AgreementId>>,
+        }
+
+        impl Model {
+            fn upsert(&mut self, a: Agreement) -> AgreementId {
+                if let Some(id) = self.by_card.get(&(a.merchant, a.card_hash)) {
+                    let cur = self.by_id.get_mut(id).unwrap();
+                    for ca in a.channels.iter().flatten() {
+                        cur.add_channel(*ca);
+                    }
+                    cur.cancelled = false;
+                    return *id;
+                }
+                self.by_card.insert((a.merchant, a.card_hash), a.id);
+                self.by_id.insert(a.id, a.clone());
+                a.id
+            }
+        }
+
+        fn run(store: AgreementStore, ops: Vec<Op>) {
+            let h = PiiHasher::new(&[3u8; 32]);
+            let mut model = Model::default();
+            let mut ids: Vec<AgreementId> = Vec::new();
+            for op in ops {
+                match op {
+                    Op::Upsert {
+                        m,
+                        card,
+                        ch,
+                        no: n,
+                        long,
+                    } => {
+                        let card_no = format!("62220200000000{card:02}");
+                        let mut a = Agreement {
+                            id: store.next_id(),
+                            merchant: MerchantNo::new(&format!("M{m}")).unwrap(),
+                            card_hash: h.card(&card_no),
+                            id_hash: h.id(&card_no),
+                            card_last4: Digits::new(&card_no[card_no.len() - 4..]).unwrap(),
+                            bank: BankCode::new("ICBC").unwrap(),
+                            card_type: CardType::Debit,
+                            cancelled: false,
+                            channels: [None; CHANNELS_PER_AGREEMENT_MAX],
+                        };
+                        a.add_channel(ChannelAgreement {
+                            channel: ChannelId::new(&format!("CH{ch}")).unwrap(),
+                            agreement_no: no(ch, n, long),
+                            state: ChannelAgreementState::Active,
+                        });
+                        let want = model.upsert(a.clone());
+                        let ca = a.channels[0].unwrap();
+                        model
+                            .holders
+                            .entry((ca.channel, ca.agreement_no))
+                            .or_default()
+                            .insert(want);
+                        assert_eq!(store.upsert(a), want);
+                        if !ids.contains(&want) {
+                            ids.push(want);
+                        }
+                    }
+                    Op::Revoke { pick, slot } if !ids.is_empty() => {
+                        let id = ids[pick as usize % ids.len()];
+                        let f = |a: &mut Agreement| {
+                            if let Some(c) = a.channels[slot as usize].as_mut() {
+                                c.state = ChannelAgreementState::Revoked;
+                            }
+                        };
+                        f(model.by_id.get_mut(&id).unwrap());
+                        store.update(id, f).unwrap();
+                    }
+                    Op::Cancel { pick } if !ids.is_empty() => {
+                        let id = ids[pick as usize % ids.len()];
+                        model.by_id.get_mut(&id).unwrap().cancelled = true;
+                        store.update(id, |a| a.cancelled = true).unwrap();
+                    }
+                    _ => {}
+                }
+                assert_eq!(store.len(), model.by_id.len());
+            }
+            let mut seen = 0;
+            store.for_each(|a| {
+                seen += 1;
+                assert_eq!(Some(a), model.by_id.get(&a.id));
+            });
+            assert_eq!(seen, model.by_id.len());
+            for (id, a) in &model.by_id {
+                assert_eq!(store.get(*id).as_ref(), Some(a));
+                assert_eq!(store.find_by_card(&a.merchant, &a.card_hash), Some(*id));
+                for ca in a.channels.iter().flatten() {
+                    // One channel number held by two agreements (the same card signed by
+                    // two merchants: the channel issues one agreement per card) is indexed
+                    // once, for its latest holder; a number only ever held by one
+                    // agreement must always be found.
+                    let found = store.find_by_channel_no(&ca.channel, &ca.agreement_no);
+                    let holders = &model.holders[&(ca.channel, ca.agreement_no)];
+                    if holders.len() == 1 {
+                        assert_eq!(found, Some(*id));
+                    }
+                    if let Some(found) = found {
+                        assert!(model.by_id[&found]
+                            .channels
+                            .iter()
+                            .flatten()
+                            .any(|c| c.channel == ca.channel && c.agreement_no == ca.agreement_no));
+                    }
+                }
+            }
+            assert_eq!(store.get(AgreementId(u64::MAX)), None);
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(300))]
+            #[test]
+            fn compact_store_behaves_like_the_plain_one(ops in proptest::collection::vec(op(), 1..120)) {
+                run(AgreementStore::new(), ops.clone());
+                run(AgreementStore::with_colliding_fingerprints(), ops);
+            }
+        }
     }
 }

@@ -327,6 +327,10 @@ impl Engine {
     /// seeds ids (agreement ids, bind refs, notification ids) so they never repeat across
     /// restarts (the shell passes the start time in ms × 1000, or the journal's maximum).
     pub fn new(cfg: EngineConfig, table: ChannelTable, pii_secret: &[u8], seq_base: u64) -> Engine {
+        // Agreement ids have their own dense sequence (the store keeps runs of them
+        // together), starting at the same time-based base as every other id.
+        let agreements = AgreementStore::new();
+        agreements.advance_ids_past(seq_base.saturating_sub(1));
         let health = Health::new(cfg.health.clone(), table.channels.iter().map(|c| c.id));
         let book = LimitsBook::new();
         book.configure_funds(&table);
@@ -342,7 +346,7 @@ impl Engine {
             table: ArcSwap::from_pointee(table),
             channel_up: DashMap::new(),
             hasher: PiiHasher::new(pii_secret),
-            agreements: AgreementStore::new(),
+            agreements,
             orders: DashMap::new(),
             by_ref: DashMap::default(),
             payout_cards: DashMap::new(),
@@ -599,7 +603,7 @@ impl Engine {
 
     /// A fresh agreement id (import).
     pub fn new_agreement_id(&self) -> AgreementId {
-        AgreementId(self.next_id())
+        self.agreements.next_id()
     }
 
     /// Number of orders held.

@@ -40,11 +40,14 @@ impl Engine {
     /// larger than `id`.
     pub(crate) fn restore_seq_past(&self, id: u64) {
         self.seq.fetch_max(id.saturating_add(1), Ordering::Relaxed);
+        self.agreements.advance_ids_past(id);
     }
 
     /// The next id the engine would hand out (snapshots record it).
     pub(crate) fn seq_now(&self) -> u64 {
-        self.seq.load(Ordering::Relaxed)
+        self.seq
+            .load(Ordering::Relaxed)
+            .max(self.agreements.peek_next_id())
     }
 
     /// Order refs of this start look like `{ref_prefix}O{hex}`; one with our prefix
@@ -72,11 +75,11 @@ impl Engine {
         }
     }
 
-    /// Put back an agreement from a snapshot into a fresh engine (ids are unique within a
-    /// snapshot, so no lookup first).
+    /// Put back an agreement from a snapshot into a fresh engine (entries are distinct
+    /// agreements, so no lookup by card first).
     pub(crate) fn restore_agreement_fresh(&self, a: Agreement) {
         self.restore_seq_past(a.id.0);
-        self.agreements.upsert(a);
+        self.agreements.insert_exact(a);
     }
 
     /// Put back a whole order from a snapshot.

@@ -3,12 +3,13 @@
 //!
 //! ```text
 //! file   = header block* end
-//! header = "SLUSNAP1" version:u32le(1) 0:u32 replay_from_lsn:u64le seq:u64le
+//! header = "SLUSNAP1" version:u32le(1) agreements:u32le replay_from_lsn:u64le seq:u64le
 //!          taken_at_ms:u64le crc32c(first 40 bytes):u32le 0:u32          (48 bytes)
 //! block  = kind:u8 0:u8 0:u16 count:u32le len:u32le crc32c(payload):u32le payload[len]
 //! end    = block of kind 0xFF with count = entries in the file, len 0
 //! ```
-//! kinds: 1 agreements, 2 orders, 3 notifications; a payload is `count` entries back to
+//! `agreements` is how many agreement entries follow (saturating; 0 = not recorded), so
+//! a load sizes its indexes once. kinds: 1 agreements, 2 orders, 3 notifications; a payload is `count` entries back to
 //! back in the `codec` encoding. Blocks are independent, so loading decodes them on every
 //! core at once (10M agreements in seconds).
 //!
@@ -73,6 +74,8 @@ pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
 /// What a snapshot header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct SnapshotHeader {
+    /// Agreement entries in the file (saturating at `u32::MAX`; 0 = not recorded).
+    pub agreements: u32,
     /// Replay the journal from this LSN on.
     pub replay_from_lsn: u64,
     /// The engine's id sequence when it was taken.
@@ -215,6 +218,7 @@ pub fn write(
     let mut h = [0u8; HEADER_LEN];
     h[..8].copy_from_slice(MAGIC);
     h[8..12].copy_from_slice(&VERSION.to_le_bytes());
+    h[12..16].copy_from_slice(&u32::try_from(agreements).unwrap_or(u32::MAX).to_le_bytes());
     h[16..24].copy_from_slice(&replay_from_lsn.to_le_bytes());
     h[24..32].copy_from_slice(&seq.to_le_bytes());
     h[32..40].copy_from_slice(&now_ms.to_le_bytes());
@@ -272,6 +276,7 @@ fn parse_header(h: &[u8; HEADER_LEN]) -> Option<SnapshotHeader> {
         return None;
     }
     Some(SnapshotHeader {
+        agreements: u32_at(12),
         replay_from_lsn: u64_at(16),
         seq: u64_at(24),
         taken_at_ms: u64_at(32),
@@ -309,6 +314,8 @@ pub fn load(
         .map_err(|_| bad(0, "shorter than its header".into()))?;
     let header = parse_header(&h).ok_or_else(|| bad(0, "bad header".into()))?;
     engine.restore_seq_past(header.seq.saturating_sub(1));
+    // Size the agreement indexes once rather than growing them entry by entry.
+    engine.agreements().reserve(header.agreements as usize);
     let threads = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(2)
