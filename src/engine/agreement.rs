@@ -365,11 +365,13 @@ fn fmix64(mut k: u64) -> u64 {
     k ^ (k >> 33)
 }
 
-/// Fingerprint of (merchant, card hash). The card hash is a keyed HMAC, already uniform.
+/// Fingerprint of (merchant, card hash). The card hash is a keyed HMAC and already
+/// uniform; mixing once more keeps the shards balanced even for hashes that are not
+/// (tests, tools).
 fn card_fp(merchant: u32, card_hash: &PiiHash) -> u64 {
     let mut h = [0u8; 8];
     h.copy_from_slice(&card_hash[..8]);
-    u64::from_le_bytes(h) ^ fmix64(u64::from(merchant) + 1)
+    fmix64(u64::from_le_bytes(h) ^ (u64::from(merchant) + 1).wrapping_mul(0x9e37_79b9_7f4a_7c15))
 }
 
 /// Fingerprint of (channel, channel agreement number): FNV-1a, then mixed.
