@@ -152,6 +152,12 @@ pub struct JournalSection {
     pub dir: PathBuf,
     /// `fsync` (default), `batch-ms:N`, or `none` (benchmarks only).
     pub policy: String,
+    /// How long a final order is remembered (duplicate requests answered from it, across
+    /// restarts), hours; 1..=8760, default 168 (7 days).
+    pub retention_hours: u64,
+    /// A snapshot is taken after this many journal records (restart replays at most about
+    /// this many); 10_000..=1_000_000_000, default 1_000_000.
+    pub snapshot_every_records: u64,
 }
 
 impl Default for JournalSection {
@@ -159,6 +165,8 @@ impl Default for JournalSection {
         JournalSection {
             dir: PathBuf::from("data"),
             policy: "fsync".into(),
+            retention_hours: crate::journal::RETENTION_MS_DEFAULT / 3_600_000,
+            snapshot_every_records: crate::journal::SNAPSHOT_EVERY_RECORDS_DEFAULT,
         }
     }
 }
@@ -544,7 +552,7 @@ impl Config {
                 "must be at least engine.channel_deadline_ms (a request may still be in transit)",
             ));
         }
-        self.journal_policy()?;
+        self.journal_config()?;
         if self.channels.is_empty() {
             return Err(invalid(
                 "channel",
@@ -754,6 +762,30 @@ impl Config {
             ));
         }
         Ok(())
+    }
+
+    /// The journal's settings: directory, policy, retention, snapshot interval.
+    pub fn journal_config(&self) -> Result<crate::journal::JournalConfig, ConfigError> {
+        let j = &self.journal;
+        if !(1..=8760).contains(&j.retention_hours) {
+            return Err(invalid(
+                "journal.retention_hours",
+                j.retention_hours,
+                "must be 1..=8760 (one hour to one year)",
+            ));
+        }
+        if !(10_000..=1_000_000_000).contains(&j.snapshot_every_records) {
+            return Err(invalid(
+                "journal.snapshot_every_records",
+                j.snapshot_every_records,
+                "must be 10000..=1000000000",
+            ));
+        }
+        let mut jc = crate::journal::JournalConfig::new(&j.dir);
+        jc.policy = self.journal_policy()?;
+        jc.retention_ms = j.retention_hours * 3_600_000;
+        jc.snapshot_every_records = j.snapshot_every_records;
+        Ok(jc)
     }
 
     /// The journal policy (`fsync`, `batch-ms:N` with N in 1..=1000, `none`).
@@ -1097,6 +1129,30 @@ institution = "SLUICE01"
         let bad = MIN.replace("\"CHA\"", "\"TOOLONGID\"");
         let e = Config::parse(&bad, "t").unwrap_err().to_string();
         assert!(e.contains("channel[0].id"), "{e}");
+    }
+
+    #[test]
+    fn journal_retention_and_snapshot_interval_are_checked_and_applied() {
+        let mut c = Config::default();
+        let jc = c.journal_config().unwrap();
+        assert_eq!(jc.retention_ms, crate::journal::RETENTION_MS_DEFAULT);
+        c.journal.retention_hours = 24;
+        c.journal.snapshot_every_records = 50_000;
+        let jc = c.journal_config().unwrap();
+        assert_eq!(
+            (jc.retention_ms, jc.snapshot_every_records),
+            (86_400_000, 50_000)
+        );
+        c.journal.retention_hours = 0;
+        let e = c.journal_config().unwrap_err().to_string();
+        assert!(
+            e.contains("journal.retention_hours") && e.contains('0'),
+            "{e}"
+        );
+        c.journal.retention_hours = 24;
+        c.journal.snapshot_every_records = 5;
+        let e = c.journal_config().unwrap_err().to_string();
+        assert!(e.contains("journal.snapshot_every_records"), "{e}");
     }
 
     #[test]

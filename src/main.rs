@@ -345,9 +345,7 @@ fn import(config: Option<&Path>, check: bool, file: &Path) -> Result<()> {
                 &sec.pii,
                 sluice::app::now_ms().saturating_mul(1000),
             );
-            let mut jc = JournalConfig::new(&cfg.journal.dir);
-            jc.policy = cfg.journal_policy()?;
-            let (journal, recovery) = sluice::journal::open(jc)?;
+            let (journal, recovery) = sluice::journal::open(cfg.journal_config()?)?;
             recovery.apply(&engine, sluice::app::now_ms())?;
             Some((engine, journal))
         }
@@ -434,15 +432,13 @@ fn load_secrets(cfg: &Config) -> Result<Secrets> {
     })
 }
 
-fn journal_setup(dir: &Path, policy: Policy) -> JournalSetup {
-    if policy == Policy::None {
+fn journal_setup(jc: JournalConfig) -> JournalSetup {
+    if jc.policy == Policy::None {
         tracing::warn!(
             "journal policy none: records are written but never synced; a crash can lose \
              acknowledged state (benchmarks only)"
         );
     }
-    let mut jc = JournalConfig::new(dir);
-    jc.policy = policy;
     JournalSetup::Durable(jc)
 }
 
@@ -492,7 +488,7 @@ async fn run(path: &Path) -> Result<()> {
         },
         connections_max: cfg.server.connections_max,
         channel_deadline: cfg.channel_deadline(),
-        journal: journal_setup(&cfg.journal.dir, cfg.journal_policy()?),
+        journal: journal_setup(cfg.journal_config()?),
         admin: match &cfg.admin {
             Some(a) => {
                 let t = config::read_secret_file(&a.token_file)?;
@@ -689,7 +685,7 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         session: SessionConfig::default(),
         connections_max: 256,
         channel_deadline: Duration::from_secs(2),
-        journal: journal_setup(&journal_dir, Policy::Fsync),
+        journal: journal_setup(JournalConfig::new(&journal_dir)),
         admin: Some((SocketAddr::from(([127, 0, 0, 1], 0)), admin_token.clone())),
     })
     .await
