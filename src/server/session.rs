@@ -179,6 +179,7 @@ async fn write_loop(
             if let Some(s) = item.started {
                 done.push(s);
             }
+            metrics.record_answer(&item.out.msg);
             if sink.feed(item.out).await.is_err() {
                 return;
             }
@@ -376,8 +377,10 @@ impl Session {
                         )
                         .await;
                 };
+                let gauge = crate::metrics::InflightGauge::new(&sw.metrics);
                 let this = self.clone();
                 tokio::spawn(async move {
+                    let _gauge = gauge;
                     let now = now_ms();
                     let e = &this.sw.engine;
                     let actions = match &v.msg {
