@@ -1,29 +1,61 @@
-//! The operator's admin port (loopback by default, bearer token required): health,
-//! Prometheus metrics, and stock agreement import through the running switch.
+//! The operator's admin port (loopback by default, bearer token required): health and
+//! readiness, Prometheus metrics, channels (list, detail, disable / enable), fund
+//! top-ups, an order's attempts and routing reasons, stock agreement import, reload,
+//! graceful shutdown, and a self-refreshing status page.
 //!
 //! Written as a small HTTP/1.1 subset (one request per connection, `Content-Length`
-//! bodies, bounded sizes) rather than with hyper: three endpoints for operators on
-//! loopback do not justify hyper's dependency tree in every build; the operations issue
-//! may move this to hyper/axum when the endpoint list grows.
+//! bodies, bounded sizes) rather than with hyper: a dozen endpoints for operators on
+//! loopback do not justify hyper's dependency tree in every build, and the subset is
+//! small enough to read in one sitting. [`client`] is its counterpart for `sluice ctl`.
+//!
+//! Answers are JSON (`{"error": "..."}` on one line for errors) except `/healthz`,
+//! `/metrics` (Prometheus text), `/status` (HTML) and `/orders/…` (text for people;
+//! `?format=json` for machines). Unknown path → 404, wrong method → 405, missing or
+//! wrong token → 401, bad input → 400.
 //!
 //! | method and path | what |
 //! |---|---|
 //! | `GET /healthz` | `ok` while the process serves |
-//! | `GET /metrics` | Prometheus text: routing and channel health, lender latency, counters |
-//! | `GET /orders/MERCHANT/ORDER_ID` | an order's state, attempts and the router's decision |
+//! | `GET /readyz` | 200 when recovery is done, the journal writer works and a channel is usable; 503 with the reason otherwise |
+//! | `GET /metrics` | Prometheus text: orders by type/status/reason, latency histograms, sessions, in-flight, BUSY, channel health and breakers, funds, journal |
+//! | `GET /channels` | every channel: up/down, breaker, success rate, latency, in-flight, overrides, fund |
+//! | `GET /channels/ID` | one channel, with connection-pool counters and today's volumes |
+//! | `POST /channels/ID/disable[?product=debit\|payout\|sign]` | operator override *off*: the router stops choosing it (all products by default) |
+//! | `POST /channels/ID/enable[?product=…]` | back to *auto*: the breaker decides |
+//! | `GET /funds` | fund positions |
+//! | `POST /funds/ID/topup?amount_fen=N` | add N fen (negative: correction) to a payout channel's fund position |
+//! | `GET /orders/MERCHANT/ORDER_ID[?format=json]` | an order's state, every attempt and the router's reasons |
 //! | `POST /agreements/import` | body: the stock import CSV (`src/import.rs`); each agreement is journaled before the answer |
+//! | `POST /reload` | what SIGHUP does: keys, channel table, routing policy |
+//! | `POST /shutdown` | what SIGTERM does: drain and stop |
+//! | `GET /status` | the status page (HTML); `GET /status.json` its data |
+//!
+//! The status page is opened in a browser, which cannot set a bearer header from a URL:
+//! `GET /status?token=T` and `GET /status.json?token=T` (these two read-only paths only)
+//! also accept the token as a query parameter, and the page's script reuses it.
 
+pub mod client;
+mod history;
+
+use std::collections::HashMap;
 use std::fmt::Write as _;
-use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
+use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
 use crate::app::{now_ms, Switch};
-use crate::engine::Record;
+use crate::engine::{ChannelConfig, Product, Record};
+use crate::health::{BreakerState, FundSnapshot, HealthSnapshot, Override};
+use crate::journal::Journal;
+use crate::message::ChannelId;
+use crate::upstream::ChannelPool;
+
+use history::History;
 
 /// Largest request head (request line and headers), bytes.
 const HEAD_MAX: usize = 16 * 1024;
@@ -31,12 +63,73 @@ const HEAD_MAX: usize = 16 * 1024;
 const BODY_MAX: usize = 512 * 1024 * 1024;
 /// Time a client has to send its whole request.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(120);
+/// Largest fund top-up or correction in one call, fen (¥10 billion): a typo with extra
+/// digits is refused instead of making a channel look funded.
+pub const TOPUP_FEN_MAX: i64 = 1_000_000_000_000;
+
+/// What the reload hook does: re-read configuration and keys, swap them in; a summary
+/// or the reason it was refused (the running configuration is then unchanged).
+pub type ReloadFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
+
+/// What the admin port can see and do beyond the shared [`Switch`]: the channel pools
+/// (readiness, in-flight), the journal (failure, queue), the reload hook set by the
+/// binary (it owns the configuration file), and the shutdown request the binary waits
+/// on next to its signals.
+pub struct Control {
+    pools: HashMap<ChannelId, ChannelPool>,
+    journal: Option<Journal>,
+    reload: OnceLock<ReloadFn>,
+    stop_requested: CancellationToken,
+    recovered: AtomicBool,
+    history: Mutex<History>,
+}
+
+impl Control {
+    /// Control over these pools and journal.
+    pub fn new(pools: HashMap<ChannelId, ChannelPool>, journal: Option<Journal>) -> Control {
+        Control {
+            pools,
+            journal,
+            reload: OnceLock::new(),
+            stop_requested: CancellationToken::new(),
+            recovered: AtomicBool::new(false),
+            history: Mutex::new(History::new(history::SAMPLES_MAX)),
+        }
+    }
+
+    /// Install the reload hook (`POST /reload`); only the first call counts. Without
+    /// one (the demo has no configuration file) reload answers 409.
+    pub fn set_reload(&self, f: ReloadFn) {
+        let _ = self.reload.set(f);
+    }
+
+    /// Fires when an operator asked for a graceful shutdown (`POST /shutdown`).
+    pub fn shutdown_requested(&self) -> CancellationToken {
+        self.stop_requested.clone()
+    }
+
+    /// Recovery is finished and its pending orders are being queried (readiness).
+    pub fn mark_recovered(&self) {
+        self.recovered.store(true, Ordering::Release);
+    }
+
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        self.history.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 /// Serve the admin port until `stop` fires. `token` is compared in constant time.
-pub async fn serve(listener: TcpListener, sw: Arc<Switch>, token: String, stop: CancellationToken) {
+pub async fn serve(
+    listener: TcpListener,
+    sw: Arc<Switch>,
+    ctl: Arc<Control>,
+    token: String,
+    stop: CancellationToken,
+) {
+    let sampler = tokio::spawn(history::sample_loop(sw.clone(), ctl.clone(), stop.clone()));
     loop {
         let (stream, _) = tokio::select! {
-            _ = stop.cancelled() => return,
+            _ = stop.cancelled() => break,
             a = listener.accept() => match a {
                 Ok(a) => a,
                 Err(_) => {
@@ -46,31 +139,148 @@ pub async fn serve(listener: TcpListener, sw: Arc<Switch>, token: String, stop: 
             },
         };
         let sw = sw.clone();
+        let ctl = ctl.clone();
         let token = token.clone();
         tokio::spawn(async move {
-            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &sw, &token)).await;
+            let _ = tokio::time::timeout(REQUEST_TIMEOUT, handle(stream, &sw, &ctl, &token)).await;
         });
+    }
+    let _ = sampler.await;
+}
+
+/// One answer.
+struct Reply {
+    code: u16,
+    content_type: &'static str,
+    body: String,
+}
+
+impl Reply {
+    fn text(code: u16, body: impl Into<String>) -> Reply {
+        Reply {
+            code,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+        }
+    }
+
+    fn json(code: u16, v: &Value) -> Reply {
+        Reply {
+            code,
+            content_type: "application/json",
+            body: format!("{v}\n"),
+        }
+    }
+
+    /// An error: one JSON line with the reason.
+    fn error(code: u16, why: impl Into<String>) -> Reply {
+        Reply::json(code, &json!({ "error": why.into() }))
+    }
+
+    fn method(allowed: &str) -> Reply {
+        Reply::error(405, format!("method not allowed: use {allowed}"))
     }
 }
 
-async fn respond(s: &mut TcpStream, code: u16, reason: &str, body: &str) -> std::io::Result<()> {
+fn reason_phrase(code: u16) -> &'static str {
+    match code {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        409 => "Conflict",
+        413 => "Payload Too Large",
+        422 => "Unprocessable Entity",
+        431 => "Request Header Fields Too Large",
+        503 => "Service Unavailable",
+        _ => "Internal Server Error",
+    }
+}
+
+async fn respond(s: &mut TcpStream, r: &Reply) -> std::io::Result<()> {
     let head = format!(
-        "HTTP/1.1 {code} {reason}\r\ncontent-type: text/plain; charset=utf-8\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
-        body.len()
+        "HTTP/1.1 {} {}\r\ncontent-type: {}\r\ncontent-length: {}\r\ncache-control: no-store\r\nconnection: close\r\n\r\n",
+        r.code,
+        reason_phrase(r.code),
+        r.content_type,
+        r.body.len()
     );
     s.write_all(head.as_bytes()).await?;
-    s.write_all(body.as_bytes()).await?;
+    s.write_all(r.body.as_bytes()).await?;
     s.shutdown().await
 }
 
-async fn handle(mut s: TcpStream, sw: &Arc<Switch>, token: &str) -> std::io::Result<()> {
+/// A parsed request.
+struct Request {
+    method: String,
+    path: String,
+    query: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    fn param(&self, k: &str) -> Option<&str> {
+        self.query
+            .iter()
+            .find(|(n, _)| n == k)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// `%XX` and `+` decoding of one query component (lossy on invalid UTF-8).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+    while i < b.len() {
+        match b[i] {
+            b'%' if i + 2 < b.len() => match (hex(b[i + 1]), hex(b[i + 2])) {
+                (Some(h), Some(l)) => {
+                    out.push(h << 4 | l);
+                    i += 3;
+                    continue;
+                }
+                _ => out.push(b'%'),
+            },
+            b'+' => out.push(b' '),
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_query(q: &str) -> Vec<(String, String)> {
+    q.split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| match p.split_once('=') {
+            Some((k, v)) => (percent_decode(k), percent_decode(v)),
+            None => (percent_decode(p), String::new()),
+        })
+        .collect()
+}
+
+fn token_ok(presented: &str, token: &str) -> bool {
+    use subtle::ConstantTimeEq;
+    presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
+}
+
+async fn handle(
+    mut s: TcpStream,
+    sw: &Arc<Switch>,
+    ctl: &Arc<Control>,
+    token: &str,
+) -> std::io::Result<()> {
     let mut buf = Vec::with_capacity(4096);
     let head_end = loop {
         if let Some(p) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
             break p + 4;
         }
         if buf.len() > HEAD_MAX {
-            return respond(&mut s, 431, "Request Header Fields Too Large", "").await;
+            return respond(&mut s, &Reply::error(431, "request head too large")).await;
         }
         let mut chunk = [0u8; 4096];
         let n = s.read(&mut chunk).await?;
@@ -82,7 +292,14 @@ async fn handle(mut s: TcpStream, sw: &Arc<Switch>, token: &str) -> std::io::Res
     let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
     let mut lines = head.split("\r\n");
     let mut first = lines.next().unwrap_or("").split(' ');
-    let (method, path) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let (method, target) = (first.next().unwrap_or(""), first.next().unwrap_or(""));
+    let (path, query) = target.split_once('?').unwrap_or((target, ""));
+    let mut req = Request {
+        method: method.to_string(),
+        path: path.to_string(),
+        query: parse_query(query),
+        body: Vec::new(),
+    };
     let mut length = 0usize;
     let mut auth = "";
     for l in lines {
@@ -95,16 +312,17 @@ async fn handle(mut s: TcpStream, sw: &Arc<Switch>, token: &str) -> std::io::Res
             }
         }
     }
-    let presented = auth.strip_prefix("Bearer ").unwrap_or("");
-    let authorized = {
-        use subtle::ConstantTimeEq;
-        presented.len() == token.len() && bool::from(presented.as_bytes().ct_eq(token.as_bytes()))
-    };
-    if !authorized {
-        return respond(&mut s, 401, "Unauthorized", "admin token required\n").await;
+    // The status page and its data also take the token from the URL (a browser cannot
+    // set a header from an address); every other path needs the header.
+    let url_token = (req.method == "GET" && (req.path == "/status" || req.path == "/status.json"))
+        .then(|| req.param("token"))
+        .flatten();
+    let presented = auth.strip_prefix("Bearer ").or(url_token).unwrap_or("");
+    if !token_ok(presented, token) {
+        return respond(&mut s, &Reply::error(401, "admin token required")).await;
     }
     if length > BODY_MAX {
-        return respond(&mut s, 413, "Payload Too Large", "").await;
+        return respond(&mut s, &Reply::error(413, "body too large")).await;
     }
     let mut body = buf[head_end..].to_vec();
     while body.len() < length {
@@ -115,89 +333,467 @@ async fn handle(mut s: TcpStream, sw: &Arc<Switch>, token: &str) -> std::io::Res
         }
         body.extend_from_slice(&chunk[..n]);
     }
-    match (method, path) {
-        ("GET", "/healthz") => respond(&mut s, 200, "OK", "ok\n").await,
-        ("GET", "/metrics") => respond(&mut s, 200, "OK", &metrics(sw)).await,
-        ("GET", p) if p.starts_with("/orders/") => match order_text(sw, &p["/orders/".len()..]) {
-            Some(t) => respond(&mut s, 200, "OK", &t).await,
-            None => respond(&mut s, 404, "Not Found", "no such order\n").await,
-        },
-        ("POST", "/agreements/import") => {
-            let Ok(text) = String::from_utf8(body) else {
-                return respond(&mut s, 400, "Bad Request", "body is not UTF-8\n").await;
-            };
-            let sw2 = sw.clone();
-            let (agreements, bad) = tokio::task::spawn_blocking(move || {
-                let e = &sw2.engine;
-                let known =
-                    |c: &crate::message::ChannelId| e.table().channels.iter().any(|x| &x.id == c);
-                let (rows, mut bad) = crate::import::parse(&text, e.hasher(), &known, 2, None);
-                let (agreements, bad2) = crate::import::group(rows, || e.new_agreement_id());
-                bad.extend(bad2);
-                bad.sort_by_key(|b| b.line);
-                (agreements, bad)
-            })
-            .await
-            .map_err(std::io::Error::other)?;
-            let mut written = 0u64;
-            for a in agreements {
-                let id = sw.engine.agreements().upsert(a);
-                if let Some(a) = sw.engine.agreements().get(id) {
-                    // Durable before the operator is told it was imported.
-                    sw.journal.append(Record::Agreement(Box::new(a))).await?;
-                    written += 1;
-                }
-            }
-            let mut out = format!("{written} agreements imported, {} bad lines\n", bad.len());
-            for b in &bad {
-                let _ = writeln!(out, "line {}: {}", b.line, b.reason);
-            }
-            let code = if bad.is_empty() { 200 } else { 422 };
-            respond(
-                &mut s,
-                code,
-                if code == 200 {
-                    "OK"
-                } else {
-                    "Unprocessable Entity"
-                },
-                &out,
-            )
-            .await
-        }
-        _ => respond(&mut s, 404, "Not Found", "unknown endpoint\n").await,
+    req.body = body;
+    let shutdown = req.method == "POST" && req.path == "/shutdown";
+    let reply = route(sw, ctl, req).await;
+    let r = respond(&mut s, &reply).await;
+    if shutdown && reply.code == 202 {
+        // After the answer is out: the drain stops this port.
+        ctl.stop_requested.cancel();
     }
+    r
+}
+
+async fn route(sw: &Arc<Switch>, ctl: &Arc<Control>, req: Request) -> Reply {
+    let segs: Vec<&str> = req.path.trim_start_matches('/').split('/').collect();
+    let get = req.method == "GET";
+    let post = req.method == "POST";
+    match segs.as_slice() {
+        ["healthz"] if get => Reply::text(200, "ok\n"),
+        ["readyz"] if get => {
+            let (ready, v) = readiness(sw, ctl);
+            Reply::json(if ready { 200 } else { 503 }, &v)
+        }
+        ["metrics"] if get => Reply::text(200, metrics(sw, ctl)),
+        ["channels"] if get => Reply::json(200, &json!({ "channels": channels_json(sw, ctl) })),
+        ["channels", id] if get => match channel_detail(sw, ctl, id) {
+            Some(v) => Reply::json(200, &v),
+            None => Reply::error(404, format!("unknown channel {id:?}")),
+        },
+        ["channels", id, action @ ("disable" | "enable")] if post => {
+            set_override(sw, id, action, req.param("product"))
+        }
+        ["funds"] if get => Reply::json(200, &json!({ "funds": funds_json(sw) })),
+        ["funds", id, "topup"] if post => top_up(sw, id, req.param("amount_fen")),
+        ["orders", m, o] if get => match req.param("format") {
+            Some("json") => match order_json(sw, m, o) {
+                Some(v) => Reply::json(200, &v),
+                None => Reply::error(404, "no such order"),
+            },
+            None | Some("text") => match order_text(sw, m, o) {
+                Some(t) => Reply::text(200, t),
+                None => Reply::text(404, "no such order\n"),
+            },
+            Some(f) => Reply::error(400, format!("format {f:?}: expected text or json")),
+        },
+        ["agreements", "import"] if post => import(sw, req.body).await,
+        ["reload"] if post => match ctl.reload.get().cloned() {
+            None => Reply::error(
+                409,
+                "this process has no configuration file to reload (demo)",
+            ),
+            Some(f) => match tokio::task::spawn_blocking(move || f()).await {
+                Ok(Ok(summary)) => {
+                    tracing::info!(%summary, "admin: reloaded keys and routes");
+                    Reply::json(200, &json!({ "reloaded": summary }))
+                }
+                Ok(Err(why)) => {
+                    tracing::error!(error = %why, "admin: reload refused; the running configuration is unchanged");
+                    Reply::error(
+                        422,
+                        format!("reload refused (running configuration unchanged): {why}"),
+                    )
+                }
+                Err(e) => Reply::error(500, format!("reload failed: {e}")),
+            },
+        },
+        ["shutdown"] if post => {
+            tracing::info!("admin: shutdown requested: draining in-flight work");
+            Reply::json(
+                202,
+                &json!({ "stopping": "draining in-flight work, then exiting" }),
+            )
+        }
+        ["status"] if get => Reply {
+            code: 200,
+            content_type: "text/html; charset=utf-8",
+            body: STATUS_PAGE.to_string(),
+        },
+        ["status.json"] if get => Reply::json(200, &status_json(sw, ctl)),
+        // Known paths with the wrong method.
+        ["healthz" | "readyz" | "metrics" | "channels" | "funds" | "status" | "status.json"]
+        | ["channels", _]
+        | ["orders", _, _] => Reply::method("GET"),
+        ["channels", _, "disable" | "enable"]
+        | ["funds", _, "topup"]
+        | ["agreements", "import"]
+        | ["reload" | "shutdown"] => Reply::method("POST"),
+        _ => Reply::error(404, format!("unknown endpoint {}", req.path)),
+    }
+}
+
+/// The status page: self-contained HTML, CSS and script (no CDN: operators' machines
+/// often have no internet).
+const STATUS_PAGE: &str = include_str!("status.html");
+
+fn pool_ready(ctl: &Control, id: &ChannelId) -> u64 {
+    ctl.pools.get(id).map(|p| p.ready() as u64).unwrap_or(0)
+}
+
+/// Why a channel cannot take new instructions now, or `None` when it can (for at least
+/// one product).
+fn unusable(ctl: &Control, c: &ChannelConfig, h: Option<&HealthSnapshot>) -> Option<String> {
+    if !c.enabled {
+        return Some("disabled in configuration".into());
+    }
+    if pool_ready(ctl, &c.id) == 0 {
+        return Some("no logged-on connection".into());
+    }
+    if let Some(h) = h {
+        if matches!(h.breaker, BreakerState::Open { .. }) {
+            return Some("breaker open".into());
+        }
+        if c.products
+            .iter()
+            .all(|p| h.overrides[p.index()] == Override::Off)
+        {
+            return Some("disabled by the operator".into());
+        }
+    }
+    None
+}
+
+fn readiness(sw: &Switch, ctl: &Control) -> (bool, Value) {
+    let mut problems = Vec::new();
+    if !ctl.recovered.load(Ordering::Acquire) {
+        problems.push("journal recovery not finished".to_string());
+    }
+    if let Some(j) = &ctl.journal {
+        if let Some(why) = j.failure() {
+            problems.push(format!("journal writer not working: {why}"));
+        }
+    }
+    if sw.shutdown.is_cancelled() || ctl.stop_requested.is_cancelled() {
+        problems.push("shutting down".into());
+    }
+    let table = sw.engine.table();
+    let health = sw.engine.health().snapshot(now_ms());
+    let mut usable = Vec::new();
+    let mut not = Vec::new();
+    for c in &table.channels {
+        let h = health.iter().find(|h| h.channel == c.id);
+        match unusable(ctl, c, h) {
+            None => usable.push(c.id.to_string()),
+            Some(why) => not.push(format!("{}: {why}", c.id)),
+        }
+    }
+    if usable.is_empty() {
+        problems.push(if !not.is_empty() {
+            format!("no usable channel ({})", not.join("; "))
+        } else {
+            "no channel configured".into()
+        });
+    }
+    let ready = problems.is_empty();
+    (
+        ready,
+        json!({
+            "ready": ready,
+            "reason": problems.join("; "),
+            "usable_channels": usable,
+        }),
+    )
+}
+
+fn opt_ms(v: Option<u64>) -> Value {
+    v.map(Value::from).unwrap_or(Value::Null)
+}
+
+fn fund_json(f: &FundSnapshot) -> Value {
+    json!({
+        "channel": f.channel.as_str(),
+        "balance_fen": f.balance_fen,
+        "reserved_fen": f.reserved_fen,
+        "available_fen": f.available_fen(),
+        "alert_fen": f.alert_fen,
+        "low": f.available_fen() < f.alert_fen,
+    })
+}
+
+fn funds_json(sw: &Switch) -> Vec<Value> {
+    sw.engine
+        .limits()
+        .funds_snapshot()
+        .iter()
+        .map(fund_json)
+        .collect()
+}
+
+fn channel_json(
+    ctl: &Control,
+    c: &ChannelConfig,
+    h: Option<&HealthSnapshot>,
+    fund: Option<&FundSnapshot>,
+) -> Value {
+    let ready = pool_ready(ctl, &c.id);
+    let inflight = ctl
+        .pools
+        .get(&c.id)
+        .map(|p| p.stats().inflight)
+        .unwrap_or(0);
+    let overrides: serde_json::Map<String, Value> = Product::ALL
+        .iter()
+        .map(|p| {
+            (
+                p.name().to_string(),
+                Value::from(h.map(|h| h.overrides[p.index()]).unwrap_or_default().name()),
+            )
+        })
+        .collect();
+    json!({
+        "id": c.id.as_str(),
+        "enabled": c.enabled,
+        "up": ready > 0,
+        "usable": unusable(ctl, c, h).is_none(),
+        "unusable_reason": unusable(ctl, c, h),
+        "connections_ready": ready,
+        "products": c.products.iter().map(|p| p.name()).collect::<Vec<_>>(),
+        "breaker": h.map(|h| h.breaker.name()).unwrap_or("closed"),
+        "breaker_opened_total": h.map(|h| h.breaker_opened_total).unwrap_or(0),
+        "success_ratio": h.map(|h| h.success_ppm as f64 / 1e6).unwrap_or(1.0),
+        "window": h.map(|h| json!({
+            "ok": h.window_ok,
+            "failures": h.window_failures,
+            "declined": h.window_neutral,
+            "timeouts": h.window_timeouts,
+            "not_sent": h.window_not_sent,
+            "not_processed": h.window_not_processed,
+        })),
+        "latency_ms_p50": opt_ms(h.and_then(|h| h.latency_ms_p50)),
+        "latency_ms_p90": opt_ms(h.and_then(|h| h.latency_ms_p90)),
+        "latency_ms_p99": opt_ms(h.and_then(|h| h.latency_ms_p99)),
+        "inflight": inflight,
+        "overrides": overrides,
+        "fund": fund.map(fund_json),
+    })
+}
+
+fn channels_json(sw: &Switch, ctl: &Control) -> Vec<Value> {
+    let table = sw.engine.table();
+    let rm = sw.engine.routing_metrics(now_ms());
+    table
+        .channels
+        .iter()
+        .map(|c| {
+            channel_json(
+                ctl,
+                c,
+                rm.health.iter().find(|h| h.channel == c.id),
+                rm.funds.iter().find(|f| f.channel == c.id),
+            )
+        })
+        .collect()
+}
+
+fn find_channel(sw: &Switch, id: &str) -> Option<ChannelConfig> {
+    sw.engine
+        .table()
+        .channels
+        .iter()
+        .find(|c| c.id.as_str() == id)
+        .cloned()
+}
+
+fn channel_detail(sw: &Switch, ctl: &Control, id: &str) -> Option<Value> {
+    let c = find_channel(sw, id)?;
+    let rm = sw.engine.routing_metrics(now_ms());
+    let mut v = channel_json(
+        ctl,
+        &c,
+        rm.health.iter().find(|h| h.channel == c.id),
+        rm.funds.iter().find(|f| f.channel == c.id),
+    );
+    let pool = ctl.pools.get(&c.id).map(|p| {
+        let s = p.stats();
+        json!({
+            "connections_ready": s.connections_ready,
+            "inflight": s.inflight,
+            "connect_attempts": s.connect_attempts,
+            "connect_failures": s.connect_failures,
+            "disconnects": s.disconnects,
+            "completed": s.completed,
+            "timeouts": s.timeouts,
+            "saturated": s.saturated,
+            "no_connection": s.no_connection,
+            "late_replies": s.late_replies,
+            "latency_us_p50": s.latency_us_p50,
+            "latency_us_p99": s.latency_us_p99,
+            "latency_us_max": s.latency_us_max,
+        })
+    });
+    let volumes: Vec<Value> = rm
+        .volumes
+        .iter()
+        .filter(|x| x.channel == c.id)
+        .map(|x| {
+            json!({
+                "product": x.product,
+                "day_fen": x.day_fen,
+                "day_count": x.day_count,
+                "month_fen": x.month_fen,
+            })
+        })
+        .collect();
+    v["priority"] = json!(c.priority);
+    v["banks"] = json!(c.banks.iter().map(|b| b.as_str()).collect::<Vec<_>>());
+    v["pool"] = pool.unwrap_or(Value::Null);
+    v["volumes"] = json!(volumes);
+    Some(v)
+}
+
+fn set_override(sw: &Switch, id: &str, action: &str, product: Option<&str>) -> Reply {
+    let Some(c) = find_channel(sw, id) else {
+        return Reply::error(404, format!("unknown channel {id:?}"));
+    };
+    let products: Vec<Product> = match product {
+        None | Some("all") => Product::ALL.to_vec(),
+        Some(p) => match Product::ALL.iter().find(|x| x.name() == p) {
+            Some(x) => vec![*x],
+            None => {
+                return Reply::error(
+                    400,
+                    format!("product {p:?}: expected debit, payout, sign or all"),
+                )
+            }
+        },
+    };
+    let o = if action == "disable" {
+        Override::Off
+    } else {
+        Override::Auto
+    };
+    for p in &products {
+        sw.engine.set_override(&c.id, *p, o);
+    }
+    let names: Vec<&str> = products.iter().map(|p| p.name()).collect();
+    tracing::warn!(channel = %c.id, products = ?names, state = o.name(), "admin: operator override");
+    let h = sw.engine.health();
+    let overrides: serde_json::Map<String, Value> = Product::ALL
+        .iter()
+        .map(|p| {
+            (
+                p.name().to_string(),
+                Value::from(h.override_of(&c.id, p.index()).name()),
+            )
+        })
+        .collect();
+    Reply::json(
+        200,
+        &json!({ "channel": c.id.as_str(), "overrides": overrides }),
+    )
+}
+
+fn top_up(sw: &Switch, id: &str, amount: Option<&str>) -> Reply {
+    let Some(raw) = amount else {
+        return Reply::error(400, "amount_fen is required (e.g. ?amount_fen=1000000)");
+    };
+    let delta: i64 = match raw.parse() {
+        Ok(v) => v,
+        Err(_) => {
+            return Reply::error(
+                400,
+                format!("amount_fen {raw:?}: expected a whole number of fen"),
+            )
+        }
+    };
+    if delta == 0 || delta.unsigned_abs() > TOPUP_FEN_MAX as u64 {
+        return Reply::error(
+            400,
+            format!("amount_fen {delta}: must be non-zero and at most {TOPUP_FEN_MAX} in size"),
+        );
+    }
+    let Some(c) = find_channel(sw, id) else {
+        return Reply::error(404, format!("unknown channel {id:?}"));
+    };
+    match sw.engine.limits().fund_top_up(&c.id, delta) {
+        Some(f) => {
+            tracing::warn!(channel = %c.id, delta_fen = delta, balance_fen = f.balance_fen, "admin: fund top-up");
+            Reply::json(200, &fund_json(&f))
+        }
+        None => Reply::error(
+            409,
+            format!("channel {id} has no fund position (configure [channel.fund])"),
+        ),
+    }
+}
+
+async fn import(sw: &Arc<Switch>, body: Vec<u8>) -> Reply {
+    let Ok(text) = String::from_utf8(body) else {
+        return Reply::error(400, "body is not UTF-8");
+    };
+    let sw2 = sw.clone();
+    let parsed = tokio::task::spawn_blocking(move || {
+        let e = &sw2.engine;
+        let known = |c: &ChannelId| e.table().channels.iter().any(|x| &x.id == c);
+        let (rows, mut bad) = crate::import::parse(&text, e.hasher(), &known, 2, None);
+        let (agreements, bad2) = crate::import::group(rows, || e.new_agreement_id());
+        bad.extend(bad2);
+        bad.sort_by_key(|b| b.line);
+        (agreements, bad)
+    })
+    .await;
+    let Ok((agreements, bad)) = parsed else {
+        return Reply::error(500, "import task failed");
+    };
+    let mut written = 0u64;
+    for a in agreements {
+        let id = sw.engine.agreements().upsert(a);
+        if let Some(a) = sw.engine.agreements().get(id) {
+            // Durable before the operator is told it was imported.
+            if let Err(e) = sw.journal.append(Record::Agreement(Box::new(a))).await {
+                return Reply::text(
+                    500,
+                    format!("journal append failed after {written} agreements: {e}\n"),
+                );
+            }
+            written += 1;
+        }
+    }
+    let mut out = format!("{written} agreements imported, {} bad lines\n", bad.len());
+    for b in &bad {
+        let _ = writeln!(out, "line {}: {}", b.line, b.reason);
+    }
+    Reply::text(if bad.is_empty() { 200 } else { 422 }, out)
+}
+
+fn order_key(m: &str, o: &str) -> Option<crate::engine::order::OrderKey> {
+    Some((
+        crate::wire::header::MerchantNo::new(m).ok()?,
+        crate::message::OrderId::new(&percent_decode(o)).ok()?,
+    ))
+}
+
+fn attempt_outcome(o: &crate::engine::order::AttemptOutcome) -> String {
+    format!("{o:?}")
 }
 
 /// `GET /orders/MERCHANT/ORDER_ID`: the order's state, every attempt, and the router's
 /// decision with the reason each other channel was excluded. No card data.
-fn order_text(sw: &Switch, rest: &str) -> Option<String> {
-    let (m, o) = rest.split_once('/')?;
-    let key = (
-        crate::wire::header::MerchantNo::new(m).ok()?,
-        crate::message::OrderId::new(o).ok()?,
-    );
+fn order_text(sw: &Switch, m: &str, o: &str) -> Option<String> {
+    let key = order_key(m, o)?;
     let order = sw.engine.order(&key)?;
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "order {m}/{o}\nstatus {} reason {} channel_code {:?}\namount_fen {}\naccepted_at_ms {} finished_at_ms {}",
+        "order {m}/{o}\ntype {}\nstatus {} reason {} channel_code {:?}\namount_fen {}\naccepted_at_ms {} finished_at_ms {}\nqueries {}",
+        order_type(&order.kind),
         order.outcome.status.name(),
         order.outcome.reason.name(),
         order.outcome.channel_code.as_str(),
         order.amount,
         order.accepted_at_ms,
-        order.finished_at_ms
+        order.finished_at_ms,
+        order.queries,
     );
     for (i, a) in order.attempts.iter().enumerate() {
         let _ = writeln!(
             out,
-            "attempt {} channel {} order_ref {} sent_at_ms {} outcome {:?}",
+            "attempt {} channel {} order_ref {} sent_at_ms {} outcome {}",
             i + 1,
             a.channel,
             a.order_ref,
             a.sent_at_ms,
-            a.outcome
+            attempt_outcome(&a.outcome)
         );
     }
     if let Some(d) = sw.engine.route_decision(&key) {
@@ -215,21 +811,121 @@ fn order_text(sw: &Switch, rest: &str) -> Option<String> {
     Some(out)
 }
 
+fn order_type(k: &crate::engine::order::OrderKind) -> &'static str {
+    match k {
+        crate::engine::order::OrderKind::Debit { .. } => "debit",
+        crate::engine::order::OrderKind::Payout { .. } => "payout",
+    }
+}
+
+fn order_json(sw: &Switch, m: &str, o: &str) -> Option<Value> {
+    let key = order_key(m, o)?;
+    let order = sw.engine.order(&key)?;
+    let d = sw.engine.route_decision(&key);
+    Some(json!({
+        "merchant": m,
+        "order_id": key.1.as_str(),
+        "type": order_type(&order.kind),
+        "status": order.outcome.status.name(),
+        "reason": order.outcome.reason.name(),
+        "channel_code": order.outcome.channel_code.as_str(),
+        "amount_fen": order.amount,
+        "accepted_at_ms": order.accepted_at_ms,
+        "finished_at_ms": order.finished_at_ms,
+        "queries": order.queries,
+        "attempts": order.attempts.iter().map(|a| json!({
+            "channel": a.channel.as_str(),
+            "order_ref": a.order_ref.to_string(),
+            "sent_at_ms": a.sent_at_ms,
+            "outcome": attempt_outcome(&a.outcome),
+        })).collect::<Vec<_>>(),
+        "candidates": d.as_ref().map(|d| d.ranked.iter().map(|r| json!({
+            "channel": r.channel.as_str(),
+            "score_milli": r.score_milli,
+            "fee_fen": r.fee_fen,
+            "placement": format!("{:?}", r.placement),
+        })).collect::<Vec<_>>()),
+        "excluded": d.as_ref().map(|d| d.excluded.iter().map(|(c, why)| json!({
+            "channel": c.as_str(),
+            "reason": why.name(),
+        })).collect::<Vec<_>>()),
+    }))
+}
+
+fn status_json(sw: &Switch, ctl: &Control) -> Value {
+    let (ready, r) = readiness(sw, ctl);
+    let hist = ctl.history();
+    let mut channels = channels_json(sw, ctl);
+    for c in &mut channels {
+        let id = c["id"].as_str().unwrap_or("").to_string();
+        c["history"] = hist.channel_series(&id);
+    }
+    let c = &sw.metrics.counters;
+    let journal = ctl.journal.as_ref().map(|j| {
+        let s = j.stats();
+        json!({
+            "queued": s.queued,
+            "records": s.records,
+            "fsyncs": s.fsyncs,
+            "fsync_ms_avg": if s.fsyncs == 0 { 0.0 } else { s.fsync_us_total as f64 / s.fsyncs as f64 / 1000.0 },
+        })
+    });
+    json!({
+        "now_ms": now_ms(),
+        "sample_ms": history::SAMPLE_MS,
+        "ready": ready,
+        "ready_reason": r["reason"],
+        "sessions": sw.hub.sessions(),
+        "inflight": c.inflight.load(Ordering::Relaxed),
+        "busy_total": c.busy.load(Ordering::Relaxed),
+        "orders_accepted_total": sw.engine.stats.orders_accepted.load(Ordering::Relaxed),
+        "orders_final_total": sw.engine.stats.orders_final.load(Ordering::Relaxed),
+        "journal": journal,
+        "channels": channels,
+        "funds": funds_json(sw),
+        "throughput": hist.throughput_series(),
+    })
+}
+
 /// The Prometheus text exposition of everything the switch measures.
-pub fn metrics(sw: &Switch) -> String {
+pub fn metrics(sw: &Switch, ctl: &Control) -> String {
     let mut out = sw.engine.routing_metrics(now_ms()).render_metrics();
     let c = &sw.metrics.counters;
-    for (name, v) in [
-        ("sluice_requests_busy_total", &c.busy),
-        ("sluice_frames_bad_mac_total", &c.bad_mac),
-        ("sluice_frames_malformed_total", &c.malformed),
-        ("sluice_requests_refused_total", &c.session_refused),
-        ("sluice_connections_refused_total", &c.connections_refused),
-        ("sluice_connections_total", &c.connections),
+    for (name, help, v) in [
+        (
+            "sluice_requests_busy_total",
+            "Requests answered BUSY.",
+            &c.busy,
+        ),
+        (
+            "sluice_frames_bad_mac_total",
+            "Frames refused for a bad MAC or unknown key.",
+            &c.bad_mac,
+        ),
+        (
+            "sluice_frames_malformed_total",
+            "Frames refused as malformed.",
+            &c.malformed,
+        ),
+        (
+            "sluice_requests_refused_total",
+            "Requests refused by session rules.",
+            &c.session_refused,
+        ),
+        (
+            "sluice_connections_refused_total",
+            "Connections refused at the limit.",
+            &c.connections_refused,
+        ),
+        (
+            "sluice_connections_total",
+            "Lender connections accepted.",
+            &c.connections,
+        ),
     ] {
         let _ = writeln!(
             out,
-            "# TYPE {name} counter\n{name} {}",
+            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
             v.load(Ordering::Relaxed)
         );
     }
@@ -242,6 +938,38 @@ pub fn metrics(sw: &Switch) -> String {
         s.mismatches.load(Ordering::Relaxed),
         sw.engine.outbox_len()
     );
+    let _ = writeln!(
+        out,
+        "# HELP sluice_sessions Logged-on lender sessions.\n# TYPE sluice_sessions gauge\nsluice_sessions {}\n# HELP sluice_requests_inflight Lender requests holding an in-flight slot.\n# TYPE sluice_requests_inflight gauge\nsluice_requests_inflight {}",
+        sw.hub.sessions(),
+        c.inflight.load(Ordering::Relaxed)
+    );
+    let _ = writeln!(
+        out,
+        "# HELP sluice_answers_total Answers and notifications carrying an order's or agreement's outcome, by message type, status and reason (a notification counts at each delivery).\n# TYPE sluice_answers_total counter"
+    );
+    for ((t, st, r), n) in sw.metrics.answers() {
+        let _ = writeln!(
+            out,
+            "sluice_answers_total{{type=\"{t}\",status=\"{st}\",reason=\"{r}\"}} {n}"
+        );
+    }
+    let _ = writeln!(
+        out,
+        "# HELP sluice_request_duration_us Lender request latency, decode to response written, µs.\n# TYPE sluice_request_duration_us histogram"
+    );
+    for (name, buckets, count, sum) in sw.metrics.lender_buckets() {
+        for (le, n) in crate::metrics::LATENCY_BUCKETS_US.iter().zip(&buckets) {
+            let _ = writeln!(
+                out,
+                "sluice_request_duration_us_bucket{{type=\"{name}\",le=\"{le}\"}} {n}"
+            );
+        }
+        let _ = writeln!(
+            out,
+            "sluice_request_duration_us_bucket{{type=\"{name}\",le=\"+Inf\"}} {count}\nsluice_request_duration_us_sum{{type=\"{name}\"}} {sum}\nsluice_request_duration_us_count{{type=\"{name}\"}} {count}"
+        );
+    }
     let _ = writeln!(out, "# TYPE sluice_request_latency_us summary");
     for (name, m) in sw.metrics.lender_summary() {
         for (q, v) in [("0.5", m.p50_us), ("0.99", m.p99_us), ("0.999", m.p999_us)] {
@@ -270,5 +998,63 @@ pub fn metrics(sw: &Switch) -> String {
             m.count
         );
     }
+    let _ = writeln!(
+        out,
+        "# HELP sluice_channel_inflight Channel calls holding an in-flight slot.\n# TYPE sluice_channel_inflight gauge"
+    );
+    let mut ids: Vec<&ChannelId> = ctl.pools.keys().collect();
+    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
+    for id in ids {
+        let _ = writeln!(
+            out,
+            "sluice_channel_inflight{{channel=\"{id}\"}} {}",
+            ctl.pools[id].stats().inflight
+        );
+    }
+    if let Some(j) = &ctl.journal {
+        let st = j.stats();
+        let _ = writeln!(
+            out,
+            "# HELP sluice_journal_queued_records Records queued for the journal writer or being written.\n# TYPE sluice_journal_queued_records gauge\nsluice_journal_queued_records {}\n# HELP sluice_journal_records_total Records written.\n# TYPE sluice_journal_records_total counter\nsluice_journal_records_total {}\n# HELP sluice_journal_fsync_seconds Time in fdatasync.\n# TYPE sluice_journal_fsync_seconds summary\nsluice_journal_fsync_seconds_sum {}\nsluice_journal_fsync_seconds_count {}\n# HELP sluice_journal_failed 1 when the journal writer has failed (fail-stop).\n# TYPE sluice_journal_failed gauge\nsluice_journal_failed {}",
+            st.queued,
+            st.records,
+            st.fsync_us_total as f64 / 1e6,
+            st.fsyncs,
+            u8::from(j.failure().is_some())
+        );
+    }
+    let (ready, _) = readiness(sw, ctl);
+    let _ = writeln!(
+        out,
+        "# HELP sluice_ready 1 when /readyz answers 200.\n# TYPE sluice_ready gauge\nsluice_ready {}",
+        u8::from(ready)
+    );
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn query_strings_decode() {
+        assert_eq!(
+            parse_query("amount_fen=100&product=debit&x=a%2Fb+c"),
+            vec![
+                ("amount_fen".to_string(), "100".to_string()),
+                ("product".to_string(), "debit".to_string()),
+                ("x".to_string(), "a/b c".to_string()),
+            ]
+        );
+        assert_eq!(percent_decode("%zz%4"), "%zz%4");
+        assert_eq!(percent_decode("%41"), "A");
+    }
+
+    #[test]
+    fn token_comparison_needs_the_exact_token() {
+        assert!(token_ok("abcdef", "abcdef"));
+        assert!(!token_ok("abcdeg", "abcdef"));
+        assert!(!token_ok("abcde", "abcdef"));
+        assert!(!token_ok("", "abcdef"));
+    }
 }
