@@ -9,7 +9,7 @@ cargo build -q --bin sluice
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
 dir=$(mktemp -d)
 target=${CARGO_TARGET_DIR:-target}
-RUST_LOG=debug "$target/debug/sluice" demo --listen "127.0.0.1:$port" --dir "$dir" --seconds 120 > "$dir/demo.log" 2>&1 &
+RUST_LOG=debug "$target/debug/sluice" demo --listen "127.0.0.1:$port" --admin 127.0.0.1:0 --dir "$dir" --seconds 120 > "$dir/demo.log" 2>&1 &
 pid=$!
 trap 'kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true' EXIT
 for _ in $(seq 1 100); do
