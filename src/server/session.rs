@@ -290,6 +290,9 @@ impl Session {
 
     async fn handle(self: &Arc<Self>, v: Verified, started: Instant) {
         let h = v.header;
+        // Debug level: the whole request for tracing a lender's problem. Borrower data
+        // prints masked by type (the PII fields' Debug), never in clear.
+        tracing::debug!(session = self.id, merchant = %h.merchant, request = ?v.msg, "request");
         let rejected = |reason| Outcome::new(Status::Rejected, reason);
         if !lm::is_lender_request(h.msg_type) {
             return self
