@@ -532,3 +532,88 @@ async fn ctl_operates_a_running_switch() {
     assert!(status.success(), "{status:?}");
     sim.shutdown().await;
 }
+
+/// Docs match code: the README lists exactly the `ctl` commands the binary has, and
+/// every admin endpoint it documents is served (per the admin module's own table, which
+/// `tests/admin.rs` exercises), and the other way round.
+#[test]
+fn readme_documents_every_ctl_command_and_admin_endpoint() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    let help = ok(&sluice(&["ctl", "--help"], root));
+    let mut commands: Vec<String> = help
+        .split("Commands:")
+        .nth(1)
+        .unwrap()
+        .lines()
+        .skip(1)
+        .take_while(|l| !l.trim().is_empty())
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .filter(|c| c != "help")
+        .collect();
+    commands.sort();
+    let listed = readme
+        .split("operate a running switch:")
+        .nth(1)
+        .unwrap()
+        .split("```")
+        .next()
+        .unwrap();
+    let mut documented: Vec<String> = listed
+        .split('|')
+        .filter_map(|p| p.split_whitespace().next().map(str::to_string))
+        .collect();
+    documented.sort();
+    assert_eq!(
+        documented, commands,
+        "README's ctl commands vs `sluice ctl --help`"
+    );
+
+    let endpoints = |text: &str| -> Vec<String> {
+        let mut v: Vec<String> = text
+            .split('`')
+            .filter(|t| t.starts_with("GET /") || t.starts_with("POST /"))
+            .map(|t| {
+                t.split(['?', '['])
+                    .next()
+                    .unwrap()
+                    .trim_end()
+                    .replace("MERCHANT/ORDER_ID", "M/O")
+            })
+            .collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let section = readme
+        .split("Admin port (`[admin]`")
+        .nth(1)
+        .unwrap()
+        .split("### ")
+        .next()
+        .unwrap();
+    let module = std::fs::read_to_string(root.join("src/admin/mod.rs")).unwrap();
+    let table: String = module
+        .lines()
+        .filter(|l| l.starts_with("//! | `"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let in_readme = endpoints(section);
+    let in_code = endpoints(&table);
+    // README rows may name two paths in one cell (`/disable`, `/enable`): compare the
+    // ones with a method.
+    for e in &in_readme {
+        assert!(
+            in_code.contains(e),
+            "README documents {e}, the admin module does not"
+        );
+    }
+    for e in &in_code {
+        let short = e.rsplit_once('/').map(|(_, l)| format!("/{l}")).unwrap();
+        assert!(
+            in_readme.contains(e) || section.contains(&format!("`{short}`")),
+            "the admin module serves {e}, README does not document it"
+        );
+    }
+    assert!(in_code.len() >= 14, "{in_code:?}");
+}
