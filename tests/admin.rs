@@ -379,3 +379,89 @@ async fn funds_top_up_and_status_data_and_metrics() {
     .await
     .expect("bounded");
 }
+
+/// Readiness follows the journal writer: a switch on a durable journal is ready, and
+/// not ready (503, naming the journal) once the journal can take no more records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_needs_a_working_journal_writer() {
+    use std::sync::Arc;
+    limit(async {
+        let dir = tempfile::tempdir().unwrap();
+        let switch_id = Arc::new(sluice::crypto::Identity::from_seed(&[1u8; 32]));
+        let chan_id = Arc::new(sluice::crypto::Identity::from_seed(&[10u8; 32]));
+        let sim = sluice::sim::Simulator::start(sluice::sim::SimConfig::new(
+            chan_id.clone(),
+            INSTITUTION,
+            switch_id.public_key(),
+        ))
+        .await
+        .unwrap();
+        let running = sluice::run::start(sluice::run::SwitchConfig {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            channels: vec![sluice::run::ChannelSetup {
+                route: sluice::engine::ChannelConfig::open("CHA"),
+                pool: sluice::upstream::PoolConfig::new(vec![sim.addr()], INSTITUTION),
+                public_key: chan_id.public_key(),
+            }],
+            keys: Arc::new(sluice::crypto::KeyStore::new(sluice::crypto::single_key(
+                MERCHANT, 1, &SECRET,
+            ))),
+            identity: switch_id,
+            pii_secret: vec![9u8; 32],
+            engine: sluice::engine::EngineConfig::default(),
+            session: sluice::server::session::SessionConfig::default(),
+            connections_max: 8,
+            channel_deadline: Duration::from_secs(2),
+            journal: sluice::run::JournalSetup::Durable(sluice::journal::JournalConfig::new(
+                dir.path(),
+            )),
+            admin: Some(("127.0.0.1:0".parse().unwrap(), ADMIN_TOKEN.into())),
+        })
+        .await
+        .unwrap();
+        assert!(running.wait_channels(Duration::from_secs(10)).await);
+        let addr = running.admin_addr.unwrap().to_string();
+        let ready = || async {
+            request(
+                &addr,
+                ADMIN_TOKEN,
+                "GET",
+                "/readyz",
+                b"",
+                Duration::from_secs(10),
+            )
+            .await
+            .unwrap()
+        };
+        let r = ready().await;
+        assert_eq!(r.code, 200, "{}", r.body);
+        let m = request(
+            &addr,
+            ADMIN_TOKEN,
+            "GET",
+            "/metrics",
+            b"",
+            Duration::from_secs(10),
+        )
+        .await
+        .unwrap()
+        .body;
+        assert!(
+            m.contains("sluice_journal_failed 0") && m.contains("sluice_journal_queued_records 0"),
+            "{m}"
+        );
+
+        running.journal.as_ref().unwrap().halt();
+        let r = ready().await;
+        assert_eq!(r.code, 503, "{}", r.body);
+        assert!(
+            json(&r)["reason"].as_str().unwrap().contains("journal"),
+            "{}",
+            r.body
+        );
+        running.shutdown(Duration::from_secs(2)).await;
+        sim.shutdown().await;
+    })
+    .await
+    .expect("bounded");
+}
