@@ -213,6 +213,9 @@ async fn errors_are_clear_and_have_the_right_codes() {
         .await
         .unwrap();
         assert_eq!(other.code, 401);
+        let bare = request(&addr, "", "GET", "/status", b"", t).await.unwrap();
+        assert_eq!(bare.code, 401);
+        assert!(bare.body.contains("/status?token=TOKEN"), "{}", bare.body);
 
         for (method, path, code, says) in [
             ("GET", "/nope", 404, "unknown endpoint"),

@@ -384,6 +384,10 @@ async fn ctl_operates_a_running_switch() {
         "{table}"
     );
 
+    let (code, raw, _) = ctl(&["--json", "channels"]);
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&raw).expect("--json prints JSON");
+    assert_eq!(v["channels"][0]["id"], "CHA", "{raw}");
     let (code, out, _) = ctl(&["disable", "CHA"]);
     assert_eq!(code, Some(0));
     assert_eq!(

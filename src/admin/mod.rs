@@ -319,6 +319,23 @@ async fn handle(
         .flatten();
     let presented = auth.strip_prefix("Bearer ").or(url_token).unwrap_or("");
     if !token_ok(presented, token) {
+        if req.method == "GET" && req.path == "/status" {
+            // A person at a browser: say how to get in.
+            return respond(
+                &mut s,
+                &Reply {
+                    code: 401,
+                    content_type: "text/html; charset=utf-8",
+                    body: "<!doctype html><title>sluice: token required</title>\
+                           <p>The status page needs the admin token: open \
+                           <code>/status?token=TOKEN</code> (the token is in the file named by \
+                           <code>[admin] token_file</code>; <code>sluice demo</code> prints the \
+                           whole address).</p>\n"
+                        .into(),
+                },
+            )
+            .await;
+        }
         return respond(&mut s, &Reply::error(401, "admin token required")).await;
     }
     if length > BODY_MAX {
