@@ -30,12 +30,21 @@
 //! | `POST /shutdown` | what SIGTERM does: drain and stop |
 //! | `GET /status` | the status page (HTML); `GET /status.json` its data |
 //!
+//! Files: this one is the server, the routing and the operator's actions; `views.rs`
+//! the read-only views (readiness, channels, funds, orders, status data); `prometheus.rs`
+//! `/metrics`; `history.rs` the charts' ring of samples; `status.html` the page;
+//! `client.rs` the client behind `sluice ctl`.
+//!
 //! The status page is opened in a browser, which cannot set a bearer header from a URL:
 //! `GET /status?token=T` and `GET /status.json?token=T` (these two read-only paths only)
 //! also accept the token as a query parameter, and the page's script reuses it.
 
 pub mod client;
 mod history;
+mod prometheus;
+mod views;
+
+pub use prometheus::metrics;
 
 use std::collections::HashMap;
 use std::fmt::Write as _;
@@ -48,14 +57,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
-use crate::app::{now_ms, Switch};
-use crate::engine::{ChannelConfig, Product, Record};
-use crate::health::{BreakerState, FundSnapshot, HealthSnapshot, Override};
+use crate::app::Switch;
+use crate::engine::{Product, Record};
+use crate::health::Override;
 use crate::journal::Journal;
 use crate::message::ChannelId;
 use crate::upstream::ChannelPool;
 
 use history::History;
+use views::{
+    channel_detail, channels_json, find_channel, fund_json, funds_json, order_json, order_text,
+    readiness, status_json,
+};
 
 /// Largest request head (request line and headers), bytes.
 const HEAD_MAX: usize = 16 * 1024;
@@ -76,11 +89,11 @@ pub type ReloadFn = Arc<dyn Fn() -> Result<String, String> + Send + Sync>;
 /// binary (it owns the configuration file), and the shutdown request the binary waits
 /// on next to its signals.
 pub struct Control {
-    pools: HashMap<ChannelId, ChannelPool>,
-    journal: Option<Journal>,
+    pub(super) pools: HashMap<ChannelId, ChannelPool>,
+    pub(super) journal: Option<Journal>,
     reload: OnceLock<ReloadFn>,
-    stop_requested: CancellationToken,
-    recovered: AtomicBool,
+    pub(super) stop_requested: CancellationToken,
+    pub(super) recovered: AtomicBool,
     history: Mutex<History>,
 }
 
@@ -113,7 +126,7 @@ impl Control {
         self.recovered.store(true, Ordering::Release);
     }
 
-    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+    pub(super) fn history(&self) -> std::sync::MutexGuard<'_, History> {
         self.history.lock().unwrap_or_else(|p| p.into_inner())
     }
 }
@@ -230,7 +243,7 @@ impl Request {
 }
 
 /// `%XX` and `+` decoding of one query component (lossy on invalid UTF-8).
-fn percent_decode(s: &str) -> String {
+pub(super) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -443,221 +456,6 @@ async fn route(sw: &Arc<Switch>, ctl: &Arc<Control>, req: Request) -> Reply {
 /// often have no internet).
 const STATUS_PAGE: &str = include_str!("status.html");
 
-fn pool_ready(ctl: &Control, id: &ChannelId) -> u64 {
-    ctl.pools.get(id).map(|p| p.ready() as u64).unwrap_or(0)
-}
-
-/// Why a channel cannot take new instructions now, or `None` when it can (for at least
-/// one product).
-fn unusable(ctl: &Control, c: &ChannelConfig, h: Option<&HealthSnapshot>) -> Option<String> {
-    if !c.enabled {
-        return Some("disabled in configuration".into());
-    }
-    if pool_ready(ctl, &c.id) == 0 {
-        return Some("no logged-on connection".into());
-    }
-    if let Some(h) = h {
-        if matches!(h.breaker, BreakerState::Open { .. }) {
-            return Some("breaker open".into());
-        }
-        if c.products
-            .iter()
-            .all(|p| h.overrides[p.index()] == Override::Off)
-        {
-            return Some("disabled by the operator".into());
-        }
-    }
-    None
-}
-
-fn readiness(sw: &Switch, ctl: &Control) -> (bool, Value) {
-    let mut problems = Vec::new();
-    if !ctl.recovered.load(Ordering::Acquire) {
-        problems.push("journal recovery not finished".to_string());
-    }
-    if let Some(j) = &ctl.journal {
-        if let Some(why) = j.failure() {
-            problems.push(format!("journal writer not working: {why}"));
-        }
-    }
-    if sw.shutdown.is_cancelled() || ctl.stop_requested.is_cancelled() {
-        problems.push("shutting down".into());
-    }
-    let table = sw.engine.table();
-    let health = sw.engine.health().snapshot(now_ms());
-    let mut usable = Vec::new();
-    let mut not = Vec::new();
-    for c in &table.channels {
-        let h = health.iter().find(|h| h.channel == c.id);
-        match unusable(ctl, c, h) {
-            None => usable.push(c.id.to_string()),
-            Some(why) => not.push(format!("{}: {why}", c.id)),
-        }
-    }
-    if usable.is_empty() {
-        problems.push(if !not.is_empty() {
-            format!("no usable channel ({})", not.join("; "))
-        } else {
-            "no channel configured".into()
-        });
-    }
-    let ready = problems.is_empty();
-    (
-        ready,
-        json!({
-            "ready": ready,
-            "reason": problems.join("; "),
-            "usable_channels": usable,
-        }),
-    )
-}
-
-fn opt_ms(v: Option<u64>) -> Value {
-    v.map(Value::from).unwrap_or(Value::Null)
-}
-
-fn fund_json(f: &FundSnapshot) -> Value {
-    json!({
-        "channel": f.channel.as_str(),
-        "balance_fen": f.balance_fen,
-        "reserved_fen": f.reserved_fen,
-        "available_fen": f.available_fen(),
-        "alert_fen": f.alert_fen,
-        "low": f.available_fen() < f.alert_fen,
-    })
-}
-
-fn funds_json(sw: &Switch) -> Vec<Value> {
-    sw.engine
-        .limits()
-        .funds_snapshot()
-        .iter()
-        .map(fund_json)
-        .collect()
-}
-
-fn channel_json(
-    ctl: &Control,
-    c: &ChannelConfig,
-    h: Option<&HealthSnapshot>,
-    fund: Option<&FundSnapshot>,
-) -> Value {
-    let ready = pool_ready(ctl, &c.id);
-    let inflight = ctl
-        .pools
-        .get(&c.id)
-        .map(|p| p.stats().inflight)
-        .unwrap_or(0);
-    let overrides: serde_json::Map<String, Value> = Product::ALL
-        .iter()
-        .map(|p| {
-            (
-                p.name().to_string(),
-                Value::from(h.map(|h| h.overrides[p.index()]).unwrap_or_default().name()),
-            )
-        })
-        .collect();
-    json!({
-        "id": c.id.as_str(),
-        "enabled": c.enabled,
-        "up": ready > 0,
-        "usable": unusable(ctl, c, h).is_none(),
-        "unusable_reason": unusable(ctl, c, h),
-        "connections_ready": ready,
-        "products": c.products.iter().map(|p| p.name()).collect::<Vec<_>>(),
-        "breaker": h.map(|h| h.breaker.name()).unwrap_or("closed"),
-        "breaker_opened_total": h.map(|h| h.breaker_opened_total).unwrap_or(0),
-        "success_ratio": h.map(|h| h.success_ppm as f64 / 1e6).unwrap_or(1.0),
-        "window": h.map(|h| json!({
-            "ok": h.window_ok,
-            "failures": h.window_failures,
-            "declined": h.window_neutral,
-            "timeouts": h.window_timeouts,
-            "not_sent": h.window_not_sent,
-            "not_processed": h.window_not_processed,
-        })),
-        "latency_ms_p50": opt_ms(h.and_then(|h| h.latency_ms_p50)),
-        "latency_ms_p90": opt_ms(h.and_then(|h| h.latency_ms_p90)),
-        "latency_ms_p99": opt_ms(h.and_then(|h| h.latency_ms_p99)),
-        "inflight": inflight,
-        "overrides": overrides,
-        "fund": fund.map(fund_json),
-    })
-}
-
-fn channels_json(sw: &Switch, ctl: &Control) -> Vec<Value> {
-    let table = sw.engine.table();
-    let rm = sw.engine.routing_metrics(now_ms());
-    table
-        .channels
-        .iter()
-        .map(|c| {
-            channel_json(
-                ctl,
-                c,
-                rm.health.iter().find(|h| h.channel == c.id),
-                rm.funds.iter().find(|f| f.channel == c.id),
-            )
-        })
-        .collect()
-}
-
-fn find_channel(sw: &Switch, id: &str) -> Option<ChannelConfig> {
-    sw.engine
-        .table()
-        .channels
-        .iter()
-        .find(|c| c.id.as_str() == id)
-        .cloned()
-}
-
-fn channel_detail(sw: &Switch, ctl: &Control, id: &str) -> Option<Value> {
-    let c = find_channel(sw, id)?;
-    let rm = sw.engine.routing_metrics(now_ms());
-    let mut v = channel_json(
-        ctl,
-        &c,
-        rm.health.iter().find(|h| h.channel == c.id),
-        rm.funds.iter().find(|f| f.channel == c.id),
-    );
-    let pool = ctl.pools.get(&c.id).map(|p| {
-        let s = p.stats();
-        json!({
-            "connections_ready": s.connections_ready,
-            "inflight": s.inflight,
-            "connect_attempts": s.connect_attempts,
-            "connect_failures": s.connect_failures,
-            "disconnects": s.disconnects,
-            "completed": s.completed,
-            "timeouts": s.timeouts,
-            "saturated": s.saturated,
-            "no_connection": s.no_connection,
-            "late_replies": s.late_replies,
-            "latency_us_p50": s.latency_us_p50,
-            "latency_us_p99": s.latency_us_p99,
-            "latency_us_max": s.latency_us_max,
-        })
-    });
-    let volumes: Vec<Value> = rm
-        .volumes
-        .iter()
-        .filter(|x| x.channel == c.id)
-        .map(|x| {
-            json!({
-                "product": x.product,
-                "day_fen": x.day_fen,
-                "day_count": x.day_count,
-                "month_fen": x.month_fen,
-            })
-        })
-        .collect();
-    v["priority"] = json!(c.priority);
-    v["banks"] = json!(c.banks.iter().map(|b| b.as_str()).collect::<Vec<_>>());
-    v["pool"] = pool.unwrap_or(Value::Null);
-    v["volumes"] = json!(volumes);
-    Some(v)
-}
-
 fn set_override(sw: &Switch, id: &str, action: &str, product: Option<&str>) -> Reply {
     let Some(c) = find_channel(sw, id) else {
         return Reply::error(404, format!("unknown channel {id:?}"));
@@ -771,282 +569,6 @@ async fn import(sw: &Arc<Switch>, body: Vec<u8>) -> Reply {
         let _ = writeln!(out, "line {}: {}", b.line, b.reason);
     }
     Reply::text(if bad.is_empty() { 200 } else { 422 }, out)
-}
-
-fn order_key(m: &str, o: &str) -> Option<crate::engine::order::OrderKey> {
-    Some((
-        crate::wire::header::MerchantNo::new(m).ok()?,
-        crate::message::OrderId::new(&percent_decode(o)).ok()?,
-    ))
-}
-
-fn attempt_outcome(o: &crate::engine::order::AttemptOutcome) -> String {
-    format!("{o:?}")
-}
-
-/// `GET /orders/MERCHANT/ORDER_ID`: the order's state, every attempt, and the router's
-/// decision with the reason each other channel was excluded. No card data.
-fn order_text(sw: &Switch, m: &str, o: &str) -> Option<String> {
-    let key = order_key(m, o)?;
-    let order = sw.engine.order(&key)?;
-    let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "order {m}/{o}\ntype {}\nstatus {} reason {} channel_code {:?}\namount_fen {}\naccepted_at_ms {} finished_at_ms {}\nqueries {}",
-        order_type(&order.kind),
-        order.outcome.status.name(),
-        order.outcome.reason.name(),
-        order.outcome.channel_code.as_str(),
-        order.amount,
-        order.accepted_at_ms,
-        order.finished_at_ms,
-        order.queries,
-    );
-    for (i, a) in order.attempts.iter().enumerate() {
-        let _ = writeln!(
-            out,
-            "attempt {} channel {} order_ref {} sent_at_ms {} outcome {}",
-            i + 1,
-            a.channel,
-            a.order_ref,
-            a.sent_at_ms,
-            attempt_outcome(&a.outcome)
-        );
-    }
-    if let Some(d) = sw.engine.route_decision(&key) {
-        for r in &d.ranked {
-            let _ = writeln!(
-                out,
-                "candidate {} score_milli {} fee_fen {} placement {:?}",
-                r.channel, r.score_milli, r.fee_fen, r.placement
-            );
-        }
-        for (c, why) in &d.excluded {
-            let _ = writeln!(out, "excluded {c} {}", why.name());
-        }
-    }
-    Some(out)
-}
-
-fn order_type(k: &crate::engine::order::OrderKind) -> &'static str {
-    match k {
-        crate::engine::order::OrderKind::Debit { .. } => "debit",
-        crate::engine::order::OrderKind::Payout { .. } => "payout",
-    }
-}
-
-fn order_json(sw: &Switch, m: &str, o: &str) -> Option<Value> {
-    let key = order_key(m, o)?;
-    let order = sw.engine.order(&key)?;
-    let d = sw.engine.route_decision(&key);
-    Some(json!({
-        "merchant": m,
-        "order_id": key.1.as_str(),
-        "type": order_type(&order.kind),
-        "status": order.outcome.status.name(),
-        "reason": order.outcome.reason.name(),
-        "channel_code": order.outcome.channel_code.as_str(),
-        "amount_fen": order.amount,
-        "accepted_at_ms": order.accepted_at_ms,
-        "finished_at_ms": order.finished_at_ms,
-        "queries": order.queries,
-        "attempts": order.attempts.iter().map(|a| json!({
-            "channel": a.channel.as_str(),
-            "order_ref": a.order_ref.to_string(),
-            "sent_at_ms": a.sent_at_ms,
-            "outcome": attempt_outcome(&a.outcome),
-        })).collect::<Vec<_>>(),
-        "candidates": d.as_ref().map(|d| d.ranked.iter().map(|r| json!({
-            "channel": r.channel.as_str(),
-            "score_milli": r.score_milli,
-            "fee_fen": r.fee_fen,
-            "placement": format!("{:?}", r.placement),
-        })).collect::<Vec<_>>()),
-        "excluded": d.as_ref().map(|d| d.excluded.iter().map(|(c, why)| json!({
-            "channel": c.as_str(),
-            "reason": why.name(),
-        })).collect::<Vec<_>>()),
-    }))
-}
-
-fn status_json(sw: &Switch, ctl: &Control) -> Value {
-    let (ready, r) = readiness(sw, ctl);
-    let hist = ctl.history();
-    let mut channels = channels_json(sw, ctl);
-    for c in &mut channels {
-        let id = c["id"].as_str().unwrap_or("").to_string();
-        c["history"] = hist.channel_series(&id);
-    }
-    let c = &sw.metrics.counters;
-    let journal = ctl.journal.as_ref().map(|j| {
-        let s = j.stats();
-        json!({
-            "queued": s.queued,
-            "records": s.records,
-            "fsyncs": s.fsyncs,
-            "fsync_ms_avg": if s.fsyncs == 0 { 0.0 } else { s.fsync_us_total as f64 / s.fsyncs as f64 / 1000.0 },
-        })
-    });
-    json!({
-        "now_ms": now_ms(),
-        "sample_ms": history::SAMPLE_MS,
-        "ready": ready,
-        "ready_reason": r["reason"],
-        "sessions": sw.hub.sessions(),
-        "inflight": c.inflight.load(Ordering::Relaxed),
-        "busy_total": c.busy.load(Ordering::Relaxed),
-        "orders_accepted_total": sw.engine.stats.orders_accepted.load(Ordering::Relaxed),
-        "orders_final_total": sw.engine.stats.orders_final.load(Ordering::Relaxed),
-        "journal": journal,
-        "channels": channels,
-        "funds": funds_json(sw),
-        "throughput": hist.throughput_series(),
-    })
-}
-
-/// The Prometheus text exposition of everything the switch measures.
-pub fn metrics(sw: &Switch, ctl: &Control) -> String {
-    let mut out = sw.engine.routing_metrics(now_ms()).render_metrics();
-    let c = &sw.metrics.counters;
-    for (name, help, v) in [
-        (
-            "sluice_requests_busy_total",
-            "Requests answered BUSY.",
-            &c.busy,
-        ),
-        (
-            "sluice_frames_bad_mac_total",
-            "Frames refused for a bad MAC or unknown key.",
-            &c.bad_mac,
-        ),
-        (
-            "sluice_frames_malformed_total",
-            "Frames refused as malformed.",
-            &c.malformed,
-        ),
-        (
-            "sluice_requests_refused_total",
-            "Requests refused by session rules.",
-            &c.session_refused,
-        ),
-        (
-            "sluice_connections_refused_total",
-            "Connections refused at the limit.",
-            &c.connections_refused,
-        ),
-        (
-            "sluice_connections_total",
-            "Lender connections accepted.",
-            &c.connections,
-        ),
-    ] {
-        let _ = writeln!(
-            out,
-            "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
-            v.load(Ordering::Relaxed)
-        );
-    }
-    let s = &sw.engine.stats;
-    let _ = writeln!(
-        out,
-        "# TYPE sluice_orders_accepted_total counter\nsluice_orders_accepted_total {}\n# TYPE sluice_orders_final_total counter\nsluice_orders_final_total {}\n# TYPE sluice_channel_result_mismatches_total counter\nsluice_channel_result_mismatches_total {}\n# TYPE sluice_notifications_unacked gauge\nsluice_notifications_unacked {}",
-        s.orders_accepted.load(Ordering::Relaxed),
-        s.orders_final.load(Ordering::Relaxed),
-        s.mismatches.load(Ordering::Relaxed),
-        sw.engine.outbox_len()
-    );
-    let _ = writeln!(
-        out,
-        "# HELP sluice_sessions Logged-on lender sessions.\n# TYPE sluice_sessions gauge\nsluice_sessions {}\n# HELP sluice_requests_inflight Lender requests holding an in-flight slot.\n# TYPE sluice_requests_inflight gauge\nsluice_requests_inflight {}",
-        sw.hub.sessions(),
-        c.inflight.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "# HELP sluice_answers_total Answers and notifications carrying an order's or agreement's outcome, by message type, status and reason (a notification counts at each delivery).\n# TYPE sluice_answers_total counter"
-    );
-    for ((t, st, r), n) in sw.metrics.answers() {
-        let _ = writeln!(
-            out,
-            "sluice_answers_total{{type=\"{t}\",status=\"{st}\",reason=\"{r}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP sluice_request_duration_us Lender request latency, decode to response written, µs.\n# TYPE sluice_request_duration_us histogram"
-    );
-    for (name, buckets, count, sum) in sw.metrics.lender_buckets() {
-        for (le, n) in crate::metrics::LATENCY_BUCKETS_US.iter().zip(&buckets) {
-            let _ = writeln!(
-                out,
-                "sluice_request_duration_us_bucket{{type=\"{name}\",le=\"{le}\"}} {n}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "sluice_request_duration_us_bucket{{type=\"{name}\",le=\"+Inf\"}} {count}\nsluice_request_duration_us_sum{{type=\"{name}\"}} {sum}\nsluice_request_duration_us_count{{type=\"{name}\"}} {count}"
-        );
-    }
-    let _ = writeln!(out, "# TYPE sluice_request_latency_us summary");
-    for (name, m) in sw.metrics.lender_summary() {
-        for (q, v) in [("0.5", m.p50_us), ("0.99", m.p99_us), ("0.999", m.p999_us)] {
-            let _ = writeln!(
-                out,
-                "sluice_request_latency_us{{type=\"{name}\",quantile=\"{q}\"}} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "sluice_request_latency_us_count{{type=\"{name}\"}} {}",
-            m.count
-        );
-    }
-    let _ = writeln!(out, "# TYPE sluice_upstream_latency_us summary");
-    for (ch, m) in sw.metrics.upstream_summary() {
-        for (q, v) in [("0.5", m.p50_us), ("0.99", m.p99_us), ("0.999", m.p999_us)] {
-            let _ = writeln!(
-                out,
-                "sluice_upstream_latency_us{{channel=\"{ch}\",quantile=\"{q}\"}} {v}"
-            );
-        }
-        let _ = writeln!(
-            out,
-            "sluice_upstream_latency_us_count{{channel=\"{ch}\"}} {}",
-            m.count
-        );
-    }
-    let _ = writeln!(
-        out,
-        "# HELP sluice_channel_inflight Channel calls holding an in-flight slot.\n# TYPE sluice_channel_inflight gauge"
-    );
-    let mut ids: Vec<&ChannelId> = ctl.pools.keys().collect();
-    ids.sort_by(|a, b| a.as_str().cmp(b.as_str()));
-    for id in ids {
-        let _ = writeln!(
-            out,
-            "sluice_channel_inflight{{channel=\"{id}\"}} {}",
-            ctl.pools[id].stats().inflight
-        );
-    }
-    if let Some(j) = &ctl.journal {
-        let st = j.stats();
-        let _ = writeln!(
-            out,
-            "# HELP sluice_journal_queued_records Records queued for the journal writer or being written.\n# TYPE sluice_journal_queued_records gauge\nsluice_journal_queued_records {}\n# HELP sluice_journal_records_total Records written.\n# TYPE sluice_journal_records_total counter\nsluice_journal_records_total {}\n# HELP sluice_journal_fsync_seconds Time in fdatasync.\n# TYPE sluice_journal_fsync_seconds summary\nsluice_journal_fsync_seconds_sum {}\nsluice_journal_fsync_seconds_count {}\n# HELP sluice_journal_failed 1 when the journal writer has failed (fail-stop).\n# TYPE sluice_journal_failed gauge\nsluice_journal_failed {}",
-            st.queued,
-            st.records,
-            st.fsync_us_total as f64 / 1e6,
-            st.fsyncs,
-            u8::from(j.failure().is_some())
-        );
-    }
-    let (ready, _) = readiness(sw, ctl);
-    let _ = writeln!(
-        out,
-        "# HELP sluice_ready 1 when /readyz answers 200.\n# TYPE sluice_ready gauge\nsluice_ready {}",
-        u8::from(ready)
-    );
-    out
 }
 
 #[cfg(test)]
