@@ -33,7 +33,8 @@ pub enum Command {
         /// Channel id.
         id: String,
     },
-    /// Stop routing new instructions to a channel (operator override "off").
+    /// Stop routing new instructions to a channel (operator override "off"; in memory
+    /// until a restart: set `enabled = false` in the config to keep it out).
     Disable {
         /// Channel id.
         id: String,
