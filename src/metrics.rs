@@ -210,14 +210,23 @@ impl Metrics {
                 if h.is_empty() {
                     return None;
                 }
-                let b = LATENCY_BUCKETS_US
-                    .iter()
-                    .map(|&le| h.count_between(0, le))
-                    .collect();
-                let sum = h
-                    .iter_recorded()
-                    .map(|v| v.value_iterated_to() * v.count_at_value())
-                    .sum();
+                // One pass over the recorded values (not one `count_between` scan per
+                // bucket: /metrics is scraped often and the histogram has ~50k slots).
+                let mut b = vec![0u64; LATENCY_BUCKETS_US.len()];
+                let mut sum = 0u64;
+                for v in h.iter_recorded() {
+                    let (at, n) = (v.value_iterated_to(), v.count_at_value());
+                    // Buckets by the slot's lowest value (as `count_between` counts), the
+                    // sum by its middle (3 significant digits: within 0.1%).
+                    let value = h.lowest_equivalent(at);
+                    sum = sum.saturating_add(h.median_equivalent(at).saturating_mul(n));
+                    if let Some(i) = LATENCY_BUCKETS_US.iter().position(|&le| value <= le) {
+                        b[i] += n;
+                    }
+                }
+                for i in 1..b.len() {
+                    b[i] += b[i - 1];
+                }
                 Some((name, b, h.len(), sum))
             })
             .collect()
@@ -226,5 +235,73 @@ impl Metrics {
     /// Increment a counter.
     pub fn inc(c: &AtomicU64) {
         c.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn debit_req() -> u8 {
+        CATALOGUE.iter().find(|x| x.1 == "DEBIT_REQ").unwrap().0
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_and_match_a_scan_per_bucket() {
+        let m = Metrics::default();
+        for us in [300, 1_500, 5_000, 70_000, 45_000_000] {
+            m.record_lender(debit_req(), us);
+        }
+        let all = m.lender_buckets();
+        let (name, b, count, sum) = &all[0];
+        assert_eq!((*name, *count), ("DEBIT_REQ", 5));
+        let le = |x: u64| b[LATENCY_BUCKETS_US.iter().position(|&l| l == x).unwrap()];
+        assert_eq!(
+            (
+                le(500),
+                le(1_000),
+                le(2_000),
+                le(5_000),
+                le(50_000),
+                le(100_000)
+            ),
+            (1, 1, 2, 3, 3, 4)
+        );
+        assert_eq!(
+            *b.last().unwrap(),
+            4,
+            "45 s is above the top bucket, only in +Inf"
+        );
+        let exact: u64 = 300 + 1_500 + 5_000 + 70_000 + 45_000_000;
+        assert!(sum.abs_diff(exact) <= exact / 1000, "{sum} vs {exact}");
+        // The same figures as the naive one-scan-per-bucket computation.
+        let h = m
+            .lender
+            .iter()
+            .find(|(c, _)| *c == debit_req())
+            .unwrap()
+            .1
+            .lock()
+            .unwrap();
+        let naive: Vec<u64> = LATENCY_BUCKETS_US
+            .iter()
+            .map(|&l| h.count_between(0, l))
+            .collect();
+        assert_eq!(b, &naive);
+    }
+
+    #[test]
+    fn answers_count_by_type_status_and_reason() {
+        use crate::message::{DebitRsp, EchoRsp, Reason, Status};
+        let m = Metrics::default();
+        let ok = Message::DebitRsp(DebitRsp {
+            result: Outcome::new(Status::Success, Reason::OK),
+            order_id: Default::default(),
+            channel: Default::default(),
+        });
+        m.record_answer(&ok);
+        m.record_answer(&ok);
+        m.record_answer(&Message::EchoRsp(EchoRsp { nonce: 1 }));
+        assert_eq!(m.answers(), vec![(("DEBIT_RSP", "SUCCESS", "OK"), 2)]);
     }
 }
