@@ -348,6 +348,11 @@ async fn funds_top_up_and_status_data_and_metrics() {
             cha["latency_ms_p50"].as_u64().is_some(),
             "answers were measured: {cha}"
         );
+        let score = cha["health_score"].as_f64().unwrap();
+        assert!(
+            score > 0.5 && score <= 1.0,
+            "all answered fast and well: {cha}"
+        );
         assert_eq!(v["funds"][1]["channel"], "CHB");
 
         let detail = json(&call(&bed, "GET", "/channels/CHA").await);

@@ -106,7 +106,27 @@ pub(super) fn funds_json(sw: &Switch) -> Vec<Value> {
         .collect()
 }
 
+/// The router's view of a channel's health as one number in 0..=1: its stability and
+/// latency terms with the policy's weights (the cost term depends on the order, so it is
+/// left out). An unmeasured latency counts as the policy's reference latency.
+fn health_score(sw: &Switch, h: Option<&HealthSnapshot>) -> f64 {
+    let w = sw.engine.policy().weights;
+    let (ws, wl) = (w.stability as f64, w.latency as f64);
+    if ws + wl <= 0.0 {
+        return 1.0;
+    }
+    let s = h.map(|h| h.success_ppm as f64 / 1e6).unwrap_or(1.0);
+    let r = w.latency_ref_ms.max(1) as f64;
+    let l = h
+        .and_then(|h| h.latency_ms_p90)
+        .map(|v| v as f64)
+        .unwrap_or(r);
+    let score = (ws * s + wl * r / (r + l)) / (ws + wl);
+    (score * 1000.0).round() / 1000.0
+}
+
 fn channel_json(
+    sw: &Switch,
     ctl: &Control,
     c: &ChannelConfig,
     h: Option<&HealthSnapshot>,
@@ -137,6 +157,7 @@ fn channel_json(
         "products": c.products.iter().map(|p| p.name()).collect::<Vec<_>>(),
         "breaker": h.map(|h| h.breaker.name()).unwrap_or("closed"),
         "breaker_opened_total": h.map(|h| h.breaker_opened_total).unwrap_or(0),
+        "health_score": health_score(sw, h),
         "success_ratio": h.map(|h| h.success_ppm as f64 / 1e6).unwrap_or(1.0),
         "window": h.map(|h| json!({
             "ok": h.window_ok,
@@ -163,6 +184,7 @@ pub(super) fn channels_json(sw: &Switch, ctl: &Control) -> Vec<Value> {
         .iter()
         .map(|c| {
             channel_json(
+                sw,
                 ctl,
                 c,
                 rm.health.iter().find(|h| h.channel == c.id),
@@ -185,6 +207,7 @@ pub(super) fn channel_detail(sw: &Switch, ctl: &Control, id: &str) -> Option<Val
     let c = find_channel(sw, id)?;
     let rm = sw.engine.routing_metrics(now_ms());
     let mut v = channel_json(
+        sw,
         ctl,
         &c,
         rm.health.iter().find(|h| h.channel == c.id),

@@ -312,6 +312,10 @@ fn channels_table(v: &Value) -> String {
                     "DOWN".into()
                 },
                 s(&c["breaker"]),
+                c["health_score"]
+                    .as_f64()
+                    .map(|x| format!("{x:.2}"))
+                    .unwrap_or_else(|| "-".into()),
                 pct(&c["success_ratio"]),
                 ms(&c["latency_ms_p50"]),
                 ms(&c["latency_ms_p90"]),
@@ -327,6 +331,7 @@ fn channels_table(v: &Value) -> String {
             "ROUTING",
             "LINK",
             "BREAKER",
+            "HEALTH",
             "SUCCESS",
             "P50",
             "P90",
@@ -394,6 +399,7 @@ fn channel_text(v: &Value) -> String {
             "breaker opened".into(),
             format!("{} times", s(&v["breaker_opened_total"])),
         ],
+        vec!["health score".into(), s(&v["health_score"])],
         vec!["success rate".into(), pct(&v["success_ratio"])],
         vec![
             "latency p50/p90/p99".into(),
