@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command (README "Run the tests"): format check, clippy with warnings as
-# errors, then every test of the workspace.
+# errors, every test of the workspace, the Python client against `sluice demo`, and the
+# status page in headless Chromium (installed by the script when missing).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 bash scripts/python_client_e2e.sh
+bash scripts/status_page_test.sh

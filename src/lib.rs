@@ -17,6 +17,8 @@
 //! - [`upstream`]: per-channel pools of persistent, pipelined, authenticated connections.
 //! - [`journal`]: the durable, group-committed log of engine records, snapshots, recovery.
 //! - [`recon`]: daily reconciliation of a channel's statement against sluice's own record.
+//! - [`admin`]: the operator's HTTP port and status page over a running switch (reads
+//!   engine, health, pools and journal; acts through the engine's operator calls).
 #![warn(missing_docs)]
 
 pub mod admin;

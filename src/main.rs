@@ -13,11 +13,15 @@ use sluice::config::{self, Config};
 use sluice::crypto::{self, Identity, KeyStore};
 use sluice::engine::{ChannelConfig, EngineConfig};
 use sluice::journal::{JournalConfig, Policy};
+use sluice::message::ChannelId;
 use sluice::run::JournalSetup;
 use sluice::run::{ChannelSetup, SwitchConfig};
 use sluice::server::session::SessionConfig;
 use sluice::sim::{Profile, SimConfig, Simulator, SmsMode};
 use sluice::upstream::PoolConfig;
+
+#[path = "cli/ctl.rs"]
+mod ctl;
 
 #[derive(Parser)]
 #[command(
@@ -52,6 +56,9 @@ enum Cmd {
         /// Stop by itself after this many seconds (0 = run until Ctrl-C).
         #[arg(long, default_value_t = 0)]
         seconds: u64,
+        /// Admin port (status page, metrics, `sluice ctl`); port 0 picks a free one.
+        #[arg(long, default_value = "127.0.0.1:7480")]
+        admin: SocketAddr,
     },
     /// Run a simulated upstream payment channel.
     ChannelSim {
@@ -119,6 +126,23 @@ enum Cmd {
         /// Configuration file.
         config: PathBuf,
     },
+    /// Talk to a running switch's admin port (tables for people, `--json` for scripts).
+    Ctl {
+        /// Admin address (default: the `[admin]` section of --config).
+        #[arg(long)]
+        admin: Option<String>,
+        /// File holding the admin token (default: the `[admin]` section of --config).
+        #[arg(long)]
+        token_file: Option<PathBuf>,
+        /// The switch's configuration file (for its `[admin]` section).
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Print the admin port's JSON as it is.
+        #[arg(long)]
+        json: bool,
+        #[command(subcommand)]
+        what: ctl::Command,
+    },
 }
 
 #[derive(Subcommand)]
@@ -150,8 +174,10 @@ fn init_logs(format: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
     // Logs go to stderr; stdout carries what commands print for people and scripts.
+    // Colours only on a terminal: log files and journald get plain text.
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     if format == "json" {
         b.json().init();
@@ -207,7 +233,8 @@ fn main() -> Result<()> {
                         listen,
                         dir,
                         seconds,
-                    } => demo(listen, &dir, seconds).await,
+                        admin,
+                    } => demo(listen, &dir, seconds, admin).await,
                     Cmd::ChannelSim {
                         listen,
                         seed,
@@ -227,6 +254,27 @@ fn main() -> Result<()> {
                             deterministic_sms,
                         )
                         .await
+                    }
+                    Cmd::Ctl {
+                        admin,
+                        token_file,
+                        config,
+                        json,
+                        what,
+                    } => {
+                        let code = match ctl::Target::resolve(admin, token_file, config.as_deref())
+                        {
+                            Ok(t) => ctl::run(&t, what, json).await,
+                            Err(e) => Err(e),
+                        };
+                        match code {
+                            Ok(c) => std::process::exit(c),
+                            Err(e) => {
+                                // One line for the operator, not a backtrace.
+                                eprintln!("sluice ctl: {e:#}");
+                                std::process::exit(1)
+                            }
+                        }
                     }
                     Cmd::Keygen { .. }
                     | Cmd::CheckConfig { .. }
@@ -505,12 +553,24 @@ async fn run(path: &Path) -> Result<()> {
         },
     };
     let running = sluice::run::start(sw).await?;
+    {
+        let (sw, p) = (running.switch.clone(), path.to_path_buf());
+        let ids: Vec<ChannelId> = running.pools.keys().copied().collect();
+        running.control.set_reload(Arc::new(move || {
+            reload(&p, &sw, &ids).map_err(|e| format!("{e:#}"))
+        }));
+    }
     tracing::info!(addr = %running.addr, admin = ?running.admin_addr, "sluice listening");
     println!("sluice listening on {}", running.addr);
+    let asked = running.control.shutdown_requested();
     let stop = loop {
-        match wait_for_stop_or_reload().await {
+        let signal = tokio::select! {
+            s = wait_for_stop_or_reload() => s,
+            _ = asked.cancelled() => Signal::Stop(Stop::Drain),
+        };
+        match signal {
             Signal::Stop(stop) => break stop,
-            Signal::Reload => match reload(path, &running) {
+            Signal::Reload => match reload(path, &running.switch, &ids_of(&running)) {
                 Ok(summary) => tracing::info!(%summary, "SIGHUP: reloaded keys and routes"),
                 Err(e) => tracing::error!(
                     error = %e,
@@ -522,6 +582,10 @@ async fn run(path: &Path) -> Result<()> {
     running.shutdown(stop.grace()).await;
     tracing::info!("stopped");
     Ok(())
+}
+
+fn ids_of(running: &sluice::run::Running) -> Vec<ChannelId> {
+    running.pools.keys().copied().collect()
 }
 
 /// What a signal asks for.
@@ -547,7 +611,7 @@ async fn wait_for_stop_or_reload() -> Signal {
 /// SIGHUP: re-read the configuration and the merchant key file; swap in the keys, the
 /// channel table and the routing policy without touching sessions. Connection settings
 /// (addresses, pools, listener, journal) need a restart and are reported, not applied.
-fn reload(path: &Path, running: &sluice::run::Running) -> Result<String> {
+fn reload(path: &Path, sw: &sluice::app::Switch, pools: &[ChannelId]) -> Result<String> {
     let cfg = Config::load(path)?;
     config::read_secret_file(&cfg.keys.merchant_keys)?;
     let keys = crypto::read_key_file(&cfg.keys.merchant_keys)?;
@@ -558,7 +622,7 @@ fn reload(path: &Path, running: &sluice::run::Running) -> Result<String> {
     let unknown: Vec<String> = table
         .channels
         .iter()
-        .filter(|c| !running.pools.contains_key(&c.id))
+        .filter(|c| !pools.contains(&c.id))
         .map(|c| c.id.to_string())
         .collect();
     if !unknown.is_empty() {
@@ -567,7 +631,6 @@ fn reload(path: &Path, running: &sluice::run::Running) -> Result<String> {
              needs a restart"
         );
     }
-    let sw = &running.switch;
     sw.keys.replace(keys);
     sw.engine.set_table(table);
     sw.engine.set_policy(cfg.routing_policy());
@@ -626,7 +689,7 @@ async fn wait_for_stop(seconds: u64) -> Stop {
 const DEMO_MERCHANT: &str = "898100000000001";
 const DEMO_INSTITUTION: &str = "SLUICE01";
 
-async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
+async fn demo(listen: SocketAddr, dir: &Path, seconds: u64, admin: SocketAddr) -> Result<()> {
     let switch_id = Arc::new(Identity::from_seed(&[1u8; 32]));
     let mut setups = Vec::new();
     let mut sims = Vec::new();
@@ -645,8 +708,15 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         let sim = Simulator::start(sc).await?;
         let mut pool = PoolConfig::new(vec![sim.addr()], DEMO_INSTITUTION);
         pool.connections = 2;
+        let mut route = ChannelConfig::open(name);
+        // Prefunded payout accounts, so the status page and `ctl funds` have positions
+        // to show: ¥500,000 each, alert below ¥50,000.
+        route.fund = Some(sluice::engine::route::FundConfig {
+            initial_fen: 50_000_000,
+            alert_fen: 5_000_000,
+        });
         setups.push(ChannelSetup {
-            route: ChannelConfig::open(name),
+            route,
             pool,
             public_key: chan_id.public_key(),
         });
@@ -686,7 +756,7 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         connections_max: 256,
         channel_deadline: Duration::from_secs(2),
         journal: journal_setup(JournalConfig::new(&journal_dir)),
-        admin: Some((SocketAddr::from(([127, 0, 0, 1], 0)), admin_token.clone())),
+        admin: Some((admin, admin_token.clone())),
     })
     .await
     .with_context(|| format!("listening on {listen}"))?;
@@ -702,8 +772,10 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
     println!("  SMS codes       the phone's last six digits (deterministic demo mode)");
     println!("  journal         {} (fsync)", journal_dir.display());
     if let Some(a) = running.admin_addr {
+        println!("  admin port      {a}  (token in {})", token_file.display());
+        println!("  status page     http://{a}/status?token={admin_token}");
         println!(
-            "  admin port      http://{a}/metrics  (token in {})",
+            "  ctl             sluice ctl --admin {a} --token-file {} status",
             token_file.display()
         );
     }
@@ -715,7 +787,11 @@ async fn demo(listen: SocketAddr, dir: &Path, seconds: u64) -> Result<()> {
         key_file.display()
     );
     println!("Stop with Ctrl-C.");
-    let stop = wait_for_stop(seconds).await;
+    let asked = running.control.shutdown_requested();
+    let stop = tokio::select! {
+        s = wait_for_stop(seconds) => s,
+        _ = asked.cancelled() => Stop::Drain,
+    };
     running.shutdown(stop.grace()).await;
     for (_, s) in sims {
         s.shutdown().await;

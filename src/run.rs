@@ -108,6 +108,8 @@ pub struct Running {
     pub admin_addr: Option<SocketAddr>,
     /// What recovery found at start (durable journal only).
     pub recovery: Option<RecoveryReport>,
+    /// What the admin port controls: the reload hook, shutdown requests, readiness.
+    pub control: Arc<crate::admin::Control>,
     listener_tracker: TaskTracker,
     stop: CancellationToken,
 }
@@ -269,13 +271,21 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
         switch.execute(queries, None).await;
     }
     observe_pools(&switch, &pools);
+    let control = Arc::new(crate::admin::Control::new(pools.clone(), journal.clone()));
+    control.mark_recovered();
     let stop = CancellationToken::new();
     let listener_tracker = TaskTracker::new();
     let admin_addr = match cfg.admin {
         Some((addr, token)) => {
             let l = TcpListener::bind(addr).await?;
             let a = l.local_addr()?;
-            listener_tracker.spawn(crate::admin::serve(l, switch.clone(), token, stop.clone()));
+            listener_tracker.spawn(crate::admin::serve(
+                l,
+                switch.clone(),
+                control.clone(),
+                token,
+                stop.clone(),
+            ));
             Some(a)
         }
         None => None,
@@ -295,6 +305,7 @@ pub async fn start(cfg: SwitchConfig) -> std::io::Result<Running> {
         journal,
         admin_addr,
         recovery,
+        control,
         listener_tracker,
         stop,
     })

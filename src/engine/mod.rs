@@ -388,6 +388,11 @@ impl Engine {
         self.table.load_full()
     }
 
+    /// The routing policy in use (admin: the health score uses its weights).
+    pub fn policy(&self) -> Arc<RoutingPolicy> {
+        self.policy.load_full()
+    }
+
     /// Replace the routing policy (reload).
     pub fn set_policy(&self, policy: RoutingPolicy) {
         self.policy.store(Arc::new(policy));

@@ -242,6 +242,8 @@ pub struct JournalStats {
     pub durable_lsn: u64,
     /// Next LSN to be assigned.
     pub next_lsn: u64,
+    /// Records queued for the writer or being written now.
+    pub queued: u64,
 }
 
 /// State shared by the handles, the writer and the snapshot thread.
@@ -254,6 +256,8 @@ pub(crate) struct Shared {
     snapshot_trigger: Mutex<Option<crossbeam::channel::Sender<()>>>,
     snapshot_lock: Mutex<()>,
     halted: std::sync::atomic::AtomicBool,
+    /// Why the writer failed (fail-stop), or `None` while it writes; read by readiness.
+    failure: Mutex<Option<String>>,
 }
 
 /// A handle on the open journal; cheap to clone. The writer thread runs until every
@@ -459,6 +463,7 @@ pub fn open(cfg: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
         snapshot_trigger: Mutex::new(None),
         snapshot_lock: Mutex::new(()),
         halted: std::sync::atomic::AtomicBool::new(false),
+        failure: Mutex::new(None),
         cfg,
     });
     let (tx, rx) = crossbeam::channel::unbounded();
@@ -763,7 +768,25 @@ impl Journal {
             fsync_us_total: s.fsync_us_total.load(Ordering::Relaxed),
             durable_lsn: self.shared.durable_lsn.load(Ordering::Acquire),
             next_lsn: self.shared.next_lsn.load(Ordering::Acquire),
+            queued: self
+                .shared
+                .cfg
+                .queue_max
+                .saturating_sub(self.slots.available_permits()) as u64,
         }
+    }
+
+    /// Why the journal can take no more records (the writer failed or stopped), or
+    /// `None` while it works (readiness).
+    pub fn failure(&self) -> Option<String> {
+        if self.shared.halted.load(Ordering::Acquire) {
+            return Some("journal halted".into());
+        }
+        self.shared
+            .failure
+            .lock()
+            .map(|g| g.clone())
+            .unwrap_or_else(|p| p.into_inner().clone())
     }
 
     /// Take a snapshot of `engine` now (blocking; the engine keeps serving meanwhile),

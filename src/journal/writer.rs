@@ -198,6 +198,9 @@ pub fn run(rx: Receiver<Item>, mut tail: Tail, mut next_lsn: u64, shared: Arc<Sh
         if let Err(e) = &result {
             tracing::error!(file = %tail.path.display(), error = %e, "journal write failed; the journal is now failed (fail-stop)");
             failed = Some(e.to_string());
+            if let Ok(mut g) = shared.failure.lock() {
+                *g = failed.clone();
+            }
         }
         let st = &shared.stats;
         st.records.fetch_add(records, Ordering::Relaxed);
@@ -223,6 +226,9 @@ pub fn run(rx: Receiver<Item>, mut tail: Tail, mut next_lsn: u64, shared: Arc<Sh
                 }
             }
         }
+    }
+    if let Ok(mut g) = shared.failure.lock() {
+        g.get_or_insert_with(|| "journal writer stopped".into());
     }
     if failed.is_none() && dirty_since.is_some() && !shared.halted.load(Ordering::Acquire) {
         let _ = tail.file.sync_data();

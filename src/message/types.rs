@@ -425,6 +425,14 @@ macro_rules! pii_field {
                 write!(f, "{}({})", stringify!($name), self.masked())
             }
         }
+
+        /// Masked too: `%value` in a `tracing` field or `{}` in a message can never
+        /// print the clear value (that takes [`Self::expose`], by name).
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.masked())
+            }
+        }
     };
 }
 
@@ -537,6 +545,48 @@ mod tests {
         assert_eq!(
             IdNo::new("11010519491231002Y"),
             Err(FieldProblem::NotDigits)
+        );
+    }
+
+    #[test]
+    fn every_pii_type_masks_in_display_debug_and_log_fields() {
+        let card = CardNo::new("6222021234091234").unwrap();
+        let id = IdNo::new("110105194912311234").unwrap();
+        let name = Name::new("张三").unwrap();
+        let phone = Phone::new("13812345678").unwrap();
+        // The brief's forms, by type.
+        assert_eq!(card.to_string(), "6222********1234");
+        assert_eq!(id.to_string(), "1101**********1234");
+        assert_eq!(name.to_string(), "张*");
+        assert_eq!(phone.to_string(), "138****5678");
+        assert_eq!(Name::new("欧阳小明").unwrap().to_string(), "欧***");
+        assert_eq!(format!("{card:?}"), "CardNo(6222********1234)");
+        assert_eq!(format!("{id:?}"), "IdNo(1101**********1234)");
+        assert_eq!(format!("{name:?}"), "Name(张*)");
+        assert_eq!(format!("{phone:?}"), "Phone(138****5678)");
+        // Inside a message's Debug (what `?msg` in a log line would print).
+        let req = crate::message::PreBindReq {
+            user_id: crate::message::UserId::new("U1").unwrap(),
+            card_type: CardType::Debit,
+            bank_code: crate::message::BankCode::new("ICBC").unwrap(),
+            card_no: card,
+            id_no: id,
+            name,
+            phone,
+            mode: BindMode::Sign,
+        };
+        let dbg = format!("{req:?}");
+        for clear in [
+            "6222021234091234",
+            "110105194912311234",
+            "张三",
+            "13812345678",
+        ] {
+            assert!(!dbg.contains(clear), "{clear} in {dbg}");
+        }
+        assert!(
+            dbg.contains("6222********1234") && dbg.contains("138****5678"),
+            "{dbg}"
         );
     }
 

@@ -40,6 +40,18 @@ impl Hub {
         v.push(link);
     }
 
+    /// Logged-on sessions now (a session logged on for several merchants counts once).
+    pub fn sessions(&self) -> usize {
+        let mut ids: Vec<u64> = self
+            .links
+            .iter()
+            .flat_map(|e| e.value().iter().map(|l| l.session).collect::<Vec<_>>())
+            .collect();
+        ids.sort_unstable();
+        ids.dedup();
+        ids.len()
+    }
+
     /// Forget a session for one merchant (logoff) or all (`None`, connection closed).
     pub fn unregister(&self, session: u64, merchant: Option<&MerchantNo>) {
         match merchant {

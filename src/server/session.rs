@@ -179,6 +179,7 @@ async fn write_loop(
             if let Some(s) = item.started {
                 done.push(s);
             }
+            metrics.record_answer(&item.out.msg);
             if sink.feed(item.out).await.is_err() {
                 return;
             }
@@ -289,6 +290,9 @@ impl Session {
 
     async fn handle(self: &Arc<Self>, v: Verified, started: Instant) {
         let h = v.header;
+        // Debug level: the whole request for tracing a lender's problem. Borrower data
+        // prints masked by type (the PII fields' Debug), never in clear.
+        tracing::debug!(session = self.id, merchant = %h.merchant, request = ?v.msg, "request");
         let rejected = |reason| Outcome::new(Status::Rejected, reason);
         if !lm::is_lender_request(h.msg_type) {
             return self
@@ -376,8 +380,10 @@ impl Session {
                         )
                         .await;
                 };
+                let gauge = crate::metrics::InflightGauge::new(&sw.metrics);
                 let this = self.clone();
                 tokio::spawn(async move {
+                    let _gauge = gauge;
                     let now = now_ms();
                     let e = &this.sw.engine;
                     let actions = match &v.msg {
