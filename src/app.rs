@@ -43,6 +43,19 @@ pub trait Upstream: Send + Sync + 'static {
 pub trait JournalSink: Send + Sync + 'static {
     /// Resolve once `rec` is durable under the configured policy.
     fn append(&self, rec: Record) -> BoxFuture<'static, std::io::Result<()>>;
+
+    /// Resolve once every record of `recs` (in order) is durable. The default appends
+    /// one at a time; a journal with a writer queue hands them over at once, so the
+    /// appender waits for (and is woken by) the writer once instead of once per record.
+    fn append_all(&self, recs: Vec<Record>) -> BoxFuture<'static, std::io::Result<()>> {
+        let each: Vec<_> = recs.into_iter().map(|r| self.append(r)).collect();
+        Box::pin(async move {
+            for f in each {
+                f.await?;
+            }
+            Ok(())
+        })
+    }
 }
 
 /// A journal that keeps nothing: for tests of the engine shell and for benchmarks with
@@ -105,21 +118,40 @@ impl Switch {
         while let Some(a) = q.pop_front() {
             match a {
                 Action::Journal(r) => {
-                    let mark = matches!(
-                        r,
-                        Record::OrderAccepted { .. }
-                            | Record::AttemptOutcome { .. }
-                            | Record::OrderFinal { .. }
-                    )
-                    .then(|| r.clone());
-                    if let Err(e) = self.journal.append(r).await {
+                    // Consecutive records have nothing between them that must wait for
+                    // the first: they go to the journal as one append.
+                    let mut recs = vec![r];
+                    while let Some(Action::Journal(_)) = q.front() {
+                        if let Some(Action::Journal(r)) = q.pop_front() {
+                            recs.push(r);
+                        }
+                    }
+                    let marks: Vec<Record> = recs
+                        .iter()
+                        .filter(|r| {
+                            matches!(
+                                r,
+                                Record::OrderAccepted { .. }
+                                    | Record::AttemptOutcome { .. }
+                                    | Record::OrderFinal { .. }
+                            )
+                        })
+                        .cloned()
+                        .collect();
+                    let appended = if recs.len() == 1 {
+                        let r = recs.pop().expect("one record");
+                        self.journal.append(r).await
+                    } else {
+                        self.journal.append_all(recs).await
+                    };
+                    if let Err(e) = appended {
                         // Fail-stop: nothing that depends on this record may happen.
                         tracing::error!(error = %e, "journal append failed; stopping");
                         self.shutdown.cancel();
                         return;
                     }
-                    if let Some(r) = mark {
-                        self.engine.record_durable(&r);
+                    for r in &marks {
+                        self.engine.record_durable(r);
                     }
                 }
                 Action::Dispatch(d) => {

@@ -887,24 +887,50 @@ fn prune(dir: &Path) -> io::Result<()> {
 
 impl JournalSink for Journal {
     fn append(&self, rec: Record) -> BoxFuture<'static, io::Result<()>> {
+        self.append_all(vec![rec])
+    }
+
+    fn append_all(&self, recs: Vec<Record>) -> BoxFuture<'static, io::Result<()>> {
         // Encoding happens here, on the appending task, in parallel across sessions;
         // the writer only frames and writes.
-        let mut payload = Vec::with_capacity(128);
-        codec::encode(&rec, &mut payload);
+        let payloads: Vec<Vec<u8>> = recs
+            .iter()
+            .map(|rec| {
+                let mut payload = Vec::with_capacity(128);
+                codec::encode(rec, &mut payload);
+                payload
+            })
+            .collect();
         let tx = self.tx.clone();
         let slots = self.slots.clone();
         Box::pin(async move {
+            let n = u32::try_from(payloads.len()).unwrap_or(u32::MAX);
+            if n == 0 {
+                return Ok(());
+            }
             let permit = slots
-                .acquire_owned()
+                .acquire_many_owned(n)
                 .await
                 .map_err(|_| io::Error::other("journal closed"))?;
             let (done, rx) = tokio::sync::oneshot::channel();
-            tx.send(Item::Append {
-                payload,
-                done: Done::Async(done),
-                permit: Some(permit),
-            })
-            .map_err(|_| io::Error::other("journal writer stopped"))?;
+            let (mut done, mut permit) = (Some(done), Some(permit));
+            let last = payloads.len() - 1;
+            for (i, payload) in payloads.into_iter().enumerate() {
+                // The writer completes items in queue order and fails every item after a
+                // failure, so the last record's answer speaks for all of them; it also
+                // holds the queue slots of all of them.
+                let (done, permit) = if i == last {
+                    (done.take().map(Done::Async), permit.take())
+                } else {
+                    (Some(Done::Silent), None)
+                };
+                tx.send(Item::Append {
+                    payload,
+                    done: done.unwrap_or(Done::Silent),
+                    permit,
+                })
+                .map_err(|_| io::Error::other("journal writer stopped"))?;
+            }
             rx.await
                 .map_err(|_| io::Error::other("journal writer stopped"))?
         })

@@ -36,6 +36,10 @@ pub enum Done {
     Async(tokio::sync::oneshot::Sender<io::Result<()>>),
     /// A thread (recovery, snapshots, benches).
     Blocking(std::sync::mpsc::SyncSender<io::Result<()>>),
+    /// Nobody: a record queued ahead of others in one append, whose last record's
+    /// waiter learns the result for all (the writer completes items in queue order, and
+    /// a failure fails every later item).
+    Silent,
 }
 
 impl Done {
@@ -51,6 +55,7 @@ impl Done {
             Done::Blocking(tx) => {
                 let _ = tx.send(r);
             }
+            Done::Silent => {}
         }
     }
 }
