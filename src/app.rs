@@ -110,6 +110,7 @@ impl Switch {
                         Record::OrderAccepted { .. }
                             | Record::AttemptOutcome { .. }
                             | Record::OrderFinal { .. }
+                            | Record::RevocationNotice { .. }
                     )
                     .then(|| r.clone());
                     if let Err(e) = self.journal.append(r).await {

@@ -251,6 +251,9 @@ struct Outgoing {
     msg: lm::Notify,
     next_at_ms: u64,
     sends: u32,
+    /// The record it announces is durable: only then may it be sent again (re-sends,
+    /// logon). Its first send is the `Action::Notify` that follows the record.
+    durable: bool,
 }
 
 /// Counters of things that deserve an operator's eye.
@@ -927,6 +930,7 @@ impl Engine {
                         msg: n.msg.clone(),
                         next_at_ms: now_ms + self.cfg.notify_retry_ms,
                         sends: 1,
+                        durable: false,
                     },
                 );
                 out.push(Action::Notify(n));
@@ -1006,7 +1010,12 @@ impl Engine {
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 if reply {
-                    out.push(Action::Reply(order_reply(&o, o.outcome)));
+                    // Nothing journaled here: tell the durable state only (rule 3). The
+                    // order may be final in memory with its record still being written.
+                    let told = o
+                        .durable
+                        .unwrap_or_else(|| reply_outcome(Status::Pending, Reason::OK));
+                    out.push(Action::Reply(order_reply(&o, told)));
                 }
             }
         }
@@ -1217,6 +1226,14 @@ impl Engine {
     /// The shell calls this once `rec` is durable: from then on the state it records may
     /// be told to a repeated request or a query.
     pub fn record_durable(&self, rec: &Record) {
+        match rec {
+            Record::OrderFinal { notify_id, .. } | Record::RevocationNotice { notify_id, .. } => {
+                if let Some(mut n) = self.outbox.get_mut(notify_id) {
+                    n.durable = true;
+                }
+            }
+            _ => {}
+        }
         let (key, outcome) = match rec {
             Record::OrderAccepted { key, .. } => (key, None),
             Record::AttemptOutcome { key, outcome, .. } => match outcome {
@@ -1268,7 +1285,7 @@ impl Engine {
             if due.len() >= max {
                 break;
             }
-            if e.next_at_ms <= now_ms {
+            if e.durable && e.next_at_ms <= now_ms {
                 e.sends += 1;
                 let back = self
                     .cfg
@@ -1289,7 +1306,7 @@ impl Engine {
     pub fn notifications_for(&self, merchant: &MerchantNo, max: usize) -> Vec<Notification> {
         self.outbox
             .iter()
-            .filter(|e| &e.merchant == merchant)
+            .filter(|e| &e.merchant == merchant && e.durable)
             .take(max)
             .map(|e| Notification {
                 merchant: e.merchant,
@@ -1841,6 +1858,7 @@ impl Engine {
                 msg: msg.clone(),
                 next_at_ms: now_ms + self.cfg.notify_retry_ms,
                 sends: 1,
+                durable: false,
             },
         );
         vec![

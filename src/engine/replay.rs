@@ -98,6 +98,7 @@ impl Engine {
                 msg,
                 next_at_ms: now_ms,
                 sends: 0,
+                durable: true,
             },
         );
     }
@@ -225,6 +226,7 @@ impl Engine {
                     msg: n.msg,
                     next_at_ms: now_ms,
                     sends: 0,
+                    durable: true,
                 });
             }
             Record::Agreement(a) => self.restore_agreement(*a),
@@ -256,6 +258,7 @@ impl Engine {
                     msg,
                     next_at_ms: now_ms,
                     sends: 0,
+                    durable: true,
                 });
             }
         }
@@ -352,6 +355,7 @@ impl Engine {
                     msg: n.msg,
                     next_at_ms: now_ms,
                     sends: 0,
+                    durable: true,
                 },
             );
         }

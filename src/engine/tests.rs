@@ -283,3 +283,70 @@ fn repeated_channel_notifications_make_one_final_state_and_one_notification() {
     assert_eq!(e.outbox_len(), 1);
     assert_eq!(e.stats.duplicate_channel_results.load(Ordering::Relaxed), 4);
 }
+
+/// Found by the deterministic simulation (`sluice-vopr`, seed 458): the order turned
+/// final from a channel notification; before that record was durable the answer to the
+/// original PAY_REQ arrived and its reply told the lender the in-memory SUCCESS. A crash
+/// then would have told the lender a state the journal never had (rule 3).
+#[test]
+fn reply_after_a_late_answer_tells_only_the_durable_state() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    make_durable(&e, &acts);
+    let d = dispatch(&acts)[0].clone();
+    let ch::Message::PayReq(p) = &d.msg else {
+        panic!()
+    };
+    let (code, class) = Code::OK.pair();
+    let notify: ch::Message = ch::Notify {
+        notify_id: 9,
+        order_ref: p.order_ref,
+        order_type: OrderType::Debit,
+        code,
+        class,
+        amount: Fen(100),
+        channel_serial: Serial::empty(),
+        finished_at_ms: 5,
+    }
+    .into();
+    let final_acts = e.channel_unsolicited(&ChannelId::new("A").unwrap(), &notify, 5);
+    assert!(final_acts
+        .iter()
+        .any(|x| matches!(x, Action::Journal(Record::OrderFinal { .. }))));
+    // The PAY_RSP comes back before the final record is durable.
+    let late = e.dispatch_result(&d.token, pay_answer(&d, Code::ACCEPTED), 6);
+    assert_eq!(reply_status(&late), Some((Status::Pending, Reason::OK)));
+    make_durable(&e, &final_acts);
+    let repeat = e.debit(m(), &debit("O1", a, 100), 7);
+    assert_eq!(
+        reply_status(&repeat),
+        Some((Status::Success, Reason::DUPLICATE_ORDER))
+    );
+}
+
+/// Found by the deterministic simulation (`sluice-vopr`, seed 402): a lender logging on
+/// while an order's final record was still being written got its notification at once
+/// (`notifications_for` read the outbox), before the record was durable (rule 3); a crash
+/// then would make recovery query the order and notify it again under another id.
+#[test]
+fn notifications_wait_for_their_final_record() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    make_durable(&e, &acts);
+    let d = dispatch(&acts)[0].clone();
+    let after = e.dispatch_result(&d.token, pay_answer(&d, Code::OK), 1);
+    assert_eq!(e.outbox_len(), 1);
+    assert!(
+        e.notifications_for(&m(), 10).is_empty(),
+        "logon before durable"
+    );
+    assert!(
+        e.notifications_due(3_600_000, 10).is_empty(),
+        "re-send before durable"
+    );
+    make_durable(&e, &after);
+    assert_eq!(e.notifications_for(&m(), 10).len(), 1);
+    assert_eq!(e.notifications_due(3_600_000, 10).len(), 1);
+}
