@@ -325,6 +325,11 @@ impl Engine {
                 )),
             }
         }
+        // Ids in a fixed order (the map's iteration order is random per process), so a
+        // recovery is reproducible — the deterministic simulation replays it exactly.
+        finals.sort_by(|a, b| {
+            (a.0 .0.as_str(), a.0 .1.as_str()).cmp(&(b.0 .0.as_str(), b.0 .1.as_str()))
+        });
         for (key, status, reason, code, order_ref) in finals {
             let Some(mut o) = self.orders.get_mut(&key) else {
                 continue;
