@@ -1350,16 +1350,26 @@ impl Engine {
         now_ms: u64,
     ) -> Actions {
         if let Some(o) = self.orders.get(&(merchant, req.order_id)) {
-            let mut out = o.outcome;
-            out.reason = Reason::DUPLICATE_ORDER;
+            // The durable state only (rule 3), as for a repeated DEBIT_REQ: BUSY until the
+            // acceptance is durable.
+            let out = match o.durable {
+                Some(mut d) => {
+                    d.reason = Reason::DUPLICATE_ORDER;
+                    d
+                }
+                None => reply_outcome(Status::Busy, Reason::OVERLOADED),
+            };
+            // The agreement record precedes the acceptance in the journal, so it is
+            // durable once the acceptance is; before that its id is not told either.
+            let agreement_id = match (o.kind, o.durable) {
+                (OrderKind::Debit { agreement }, Some(_)) => agreement.0,
+                _ => 0,
+            };
             return vec![Action::Reply(
                 lm::SignAndPayRsp {
                     result: out,
                     bind_ref: 0,
-                    agreement_id: match o.kind {
-                        OrderKind::Debit { agreement } => agreement.0,
-                        OrderKind::Payout { .. } => 0,
-                    },
+                    agreement_id,
                 }
                 .into(),
             )];
