@@ -29,6 +29,7 @@ fn sweep_keeps_every_money_safety_invariant() {
         tot.unknown += s.unknown;
         tot.lost += s.lost;
         tot.signed += s.signed;
+        tot.revoked += s.revoked;
     }
     // The sweep is only worth something if the faults it claims really happened.
     println!("{tot:#?}");

@@ -86,6 +86,7 @@ fn main() -> ExitCode {
                 tot.torn_tails += s.torn_tails;
                 tot.lost += s.lost;
                 tot.signed += s.signed;
+                tot.revoked += s.revoked;
                 tot.not_sent += s.not_sent;
                 tot.unknown += s.unknown;
             }
@@ -114,14 +115,15 @@ fn main() -> ExitCode {
         failed.len()
     );
     println!(
-        "  steps {} requests {} acked {} success {} failed {} ledger {} signed {}",
+        "  steps {} requests {} acked {} success {} failed {} ledger {} signed {} revoked {}",
         tot.steps,
         tot.requests,
         tot.orders_acked,
         tot.orders_success,
         tot.orders_failed,
         tot.ledger_entries,
-        tot.signed
+        tot.signed,
+        tot.revoked
     );
     println!(
         "  crashes {} (non-durable records surviving {}, torn tails {}) lost msgs {} not-sent {} unknown {}",

@@ -101,6 +101,8 @@ pub struct Summary {
     pub lost: u64,
     /// Agreements signed through pre-bind + confirm.
     pub signed: u64,
+    /// Agreements revoked at a bank.
+    pub revoked: u64,
     /// Dispatches answered NOT_SENT (link down).
     pub not_sent: u64,
     /// Dispatches that ended UNKNOWN (timeout, disconnect).

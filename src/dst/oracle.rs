@@ -48,6 +48,7 @@ struct Index {
     attempts: HashMap<OrderRef, u64>,
     finals: HashMap<OrderKey, Vec<(u64, Status, u64)>>,
     agreements: HashMap<u64, u64>,
+    revocations: HashMap<u64, u64>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -56,6 +57,7 @@ enum Info {
     Attempt(OrderRef),
     Final(OrderKey),
     Agreement(u64),
+    Revocation(u64),
     Other,
 }
 
@@ -102,6 +104,10 @@ impl Oracle {
                 ix.agreements.entry(a.id.0).or_insert(lsn);
                 Info::Agreement(a.id.0)
             }
+            Record::RevocationNotice { notify_id, .. } => {
+                ix.revocations.insert(*notify_id, lsn);
+                Info::Revocation(*notify_id)
+            }
             _ => Info::Other,
         };
         ix.records.push(info);
@@ -129,6 +135,9 @@ impl Oracle {
                     if ix.agreements.get(&id).is_some_and(|l| *l > n) {
                         ix.agreements.remove(&id);
                     }
+                }
+                Info::Revocation(id) => {
+                    ix.revocations.remove(&id);
                 }
                 Info::Other => {}
             }
@@ -195,9 +204,11 @@ impl Oracle {
     }
 
     /// A reply to merchant `m` is being sent.
+    /// `order` is the order id of a SIGN_AND_PAY_REQ (its answer does not carry it).
     pub fn on_reply(
         &mut self,
         m: crate::wire::header::MerchantNo,
+        named: Option<lm::OrderId>,
         msg: &lm::Message,
         durable: u64,
     ) -> Result<(), Violation> {
@@ -228,6 +239,17 @@ impl Oracle {
                 }
                 self.told(&k, r.result.status, durable)
             }
+            lm::Message::SignAndPayRsp(r) => {
+                if r.result.reason == Reason::DUPLICATE_ORDER {
+                    // About the order the request names, not about a signing.
+                    if let Some(o) = named {
+                        self.told(&(m, o), r.result.status, durable)?;
+                    }
+                } else if r.agreement_id != 0 {
+                    self.agreement_durable(r.agreement_id, durable)?;
+                }
+                Ok(())
+            }
             lm::Message::PreBindRsp(r) if r.agreement_id != 0 => {
                 self.agreement_durable(r.agreement_id, durable)
             }
@@ -256,7 +278,19 @@ impl Oracle {
 
     /// A notification is being sent.
     pub fn on_notify(&mut self, n: &Notification, durable: u64) -> Result<(), Violation> {
-        if n.msg.kind != NotifyKind::OrderFinal {
+        if n.msg.kind == NotifyKind::AgreementRevoked {
+            let id = n.msg.notify_id;
+            if !self
+                .index
+                .revocations
+                .get(&id)
+                .is_some_and(|l| *l <= durable)
+            {
+                return Err((
+                    "durable-first",
+                    format!("revocation notice {id} sent before its record was durable"),
+                ));
+            }
             return Ok(());
         }
         let Ok(o) = lm::OrderId::new(n.msg.order_id.as_str()) else {

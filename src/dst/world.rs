@@ -50,6 +50,7 @@ enum LReq {
     Payout(lm::PayoutReq),
     Query(lm::OrderQueryReq),
     PreBind(lm::PreBindReq),
+    SignAndPay(lm::SignAndPayReq),
     Confirm(lm::BindConfirmReq),
 }
 
@@ -88,6 +89,7 @@ enum Ev {
     Fsync(u32),
     QueryDue(u32, OrderKey, OrderRef),
     NotifyTick(u32),
+    Revoke,
     Crash,
     Restart,
     Settle,
@@ -175,7 +177,6 @@ struct World {
     engine: Option<Engine>,
     inc: u32,
     journal: SimJournal,
-    survivors: Vec<Record>,
     waiting: Vec<(u64, Record, Task)>,
     fsync_pending: bool,
     inflight: BTreeMap<u64, InFlight>,
@@ -185,6 +186,7 @@ struct World {
     link_up: Vec<bool>,
     link_gen: Vec<u64>,
     bank_notify_seq: u64,
+    preloaded: Vec<(usize, String)>,
     lenders: Vec<Lender>,
     next_req: u64,
     card_seq: u64,
@@ -214,6 +216,7 @@ fn reply_status(m: &lm::Message) -> Option<(Status, lm::Reason)> {
         lm::Message::OrderQueryRsp(r) => r.result,
         lm::Message::PreBindRsp(r) => r.result,
         lm::Message::BindConfirmRsp(r) => r.result,
+        lm::Message::SignAndPayRsp(r) => r.result,
         _ => return None,
     };
     Some((r.status, r.reason))
@@ -308,7 +311,6 @@ impl World {
             engine: None,
             inc: 0,
             journal: SimJournal::default(),
-            survivors: Vec::new(),
             waiting: Vec::new(),
             fsync_pending: false,
             inflight: BTreeMap::new(),
@@ -318,6 +320,7 @@ impl World {
             chans,
             chan_ids,
             bank_notify_seq: 1,
+            preloaded: Vec::new(),
             lenders,
             next_req: 1,
             card_seq: seed.wrapping_mul(7919) % 100_000_000,
@@ -428,6 +431,7 @@ impl World {
                     self.chans[c]
                         .bank
                         .preload(&no, &card, &id_no, "ICBC", CardType::Debit);
+                    self.preloaded.push((c, no.clone()));
                     a.add_channel(ChannelAgreement {
                         channel: self.chan_ids[c],
                         agreement_no: AgreementNo::new(&no).expect("agreement no"),
@@ -457,6 +461,10 @@ impl World {
                 let d = self.rng.below(2 * p);
                 self.after(d, Ev::ChanLink(c, false));
             }
+        }
+        for _ in 0..self.rng.below(3) {
+            let d = self.rng.below(self.opts.traffic_ms.max(1));
+            self.after(d, Ev::Revoke);
         }
         for _ in 0..self.f.crashes {
             let d = self.rng.below(self.opts.traffic_ms.max(1));
@@ -801,6 +809,10 @@ impl World {
                 self.after(1_000, Ev::NotifyTick(inc));
                 Ok(())
             }
+            Ev::Revoke => {
+                self.revoke();
+                Ok(())
+            }
             Ev::Crash => self.crash(),
             Ev::Restart => self.restart(),
             Ev::Settle => {
@@ -924,8 +936,32 @@ impl World {
                 Some(LReq::Payout(p)) => LReq::Query(lm::OrderQueryReq {
                     order_id: p.order_id,
                 }),
+                Some(LReq::SignAndPay(p)) => LReq::Query(lm::OrderQueryReq {
+                    order_id: p.order_id,
+                }),
                 _ => return,
             },
+            85..=90 => {
+                self.card_seq += 1;
+                let card = card_number(self.card_seq);
+                let phone = format!("139{:08}", self.card_seq % 100_000_000);
+                let order_id = self.new_order_id(m);
+                let req = LReq::SignAndPay(lm::SignAndPayReq {
+                    user_id: Ascii::new(&format!("U{}", self.card_seq)).expect("user"),
+                    card_type: CardType::Debit,
+                    bank_code: BankCode::new("ICBC").expect("bank"),
+                    card_no: CardNo::new(&card).expect("card"),
+                    id_no: IdNo::new(&format!("{:017}X", ID_BASE + self.card_seq)).expect("id"),
+                    name: Name::new("王五").expect("name"),
+                    phone: lm::Phone::new(&phone).expect("phone"),
+                    order_id,
+                    amount: Fen(amount),
+                    currency: Currency,
+                    purpose: Self::purpose(),
+                });
+                self.remember(m, &order_id, &req);
+                req
+            }
             _ => {
                 self.card_seq += 1;
                 let card = card_number(self.card_seq);
@@ -979,6 +1015,10 @@ impl World {
                 format!("prebind {}", r.user_id.as_str()),
                 e.prebind(merchant, r, now),
             ),
+            LReq::SignAndPay(r) => (
+                format!("sign-and-pay {} {}", r.order_id.0.as_str(), r.amount.0),
+                e.sign_and_pay(merchant, r, now),
+            ),
             LReq::Confirm(r) => (
                 format!("confirm {}", r.bind_ref.0),
                 e.bind_confirm(merchant, r, now),
@@ -995,19 +1035,31 @@ impl World {
         let Some(req) = self.lenders[m].outstanding.remove(&req_id) else {
             return;
         };
-        match (&req, &msg) {
+        let bind = match (&req, &msg) {
             (LReq::PreBind(p), lm::Message::PreBindRsp(r))
                 if r.bind_ref != 0 && r.result.status == Status::Success =>
             {
+                Some((p.phone, r.bind_ref))
+            }
+            (LReq::SignAndPay(p), lm::Message::SignAndPayRsp(r))
+                if r.bind_ref != 0 && r.result.status == Status::Pending =>
+            {
+                Some((p.phone, r.bind_ref))
+            }
+            _ => None,
+        };
+        match (&req, &msg) {
+            _ if bind.is_some() => {
+                let (phone, bind_ref) = bind.expect("some");
                 // The card holder types the SMS code (sometimes wrongly).
-                let phone = p.phone.expose();
+                let phone = phone.expose();
                 let code = if self.rng.chance(0.9) {
                     &phone[phone.len() - 6..]
                 } else {
                     "000000"
                 };
                 let confirm = LReq::Confirm(lm::BindConfirmReq {
-                    bind_ref: BindRef(r.bind_ref),
+                    bind_ref: BindRef(bind_ref),
                     sms_code: SmsCode::new(code).expect("code"),
                 });
                 let d = 500 + self.rng.below(5_000);
@@ -1169,8 +1221,16 @@ impl World {
                     let Some((m, req_id)) = t.reply else {
                         continue;
                     };
-                    self.oracle
-                        .on_reply(self.lenders[m].no, &msg, self.journal.durable_lsn())?;
+                    let order = match self.lenders[m].outstanding.get(&req_id) {
+                        Some(LReq::SignAndPay(r)) => Some(r.order_id),
+                        _ => None,
+                    };
+                    self.oracle.on_reply(
+                        self.lenders[m].no,
+                        order,
+                        &msg,
+                        self.journal.durable_lsn(),
+                    )?;
                     if self.lenders[m].up && !self.lost() {
                         let d = self.delay();
                         self.after(d, Ev::ReplyArrive(m, req_id, msg));
@@ -1243,6 +1303,45 @@ impl World {
         Ok(())
     }
 
+    /// The bank revokes a stock agreement (the card holder cancelled at the bank) and
+    /// tells the switch, maybe several times.
+    fn revoke(&mut self) {
+        if self.preloaded.is_empty() {
+            return;
+        }
+        let i = self.rng.below(self.preloaded.len() as u64) as usize;
+        let (c, no) = self.preloaded[i].clone();
+        let Some(last4) = self.chans[c].bank.revoke(&no) else {
+            return;
+        };
+        self.sum.revoked += 1;
+        self.note(format!("t={} bank{c} revokes {no}", self.now - T0_MS));
+        let msg: ch::Message = ch::Revoke {
+            notify_id: self.bank_notify_seq,
+            agreement_no: AgreementNo::new(&no).expect("agreement no"),
+            card_last4: Digits::new(&last4).expect("last4"),
+            revoked_at_ms: self.now,
+        }
+        .into();
+        self.bank_notify_seq += 1;
+        let copies = 1 + self.rng.below(self.f.notify_copies_max);
+        for i in 0..copies {
+            if self.link_up[c] && self.engine.is_some() && !self.lost() {
+                let d = self.delay() + i * self.rng.below(2_000);
+                let (inc, gen) = (self.inc, self.link_gen[c]);
+                self.after(
+                    d,
+                    Ev::ChanNotify {
+                        c,
+                        inc,
+                        gen,
+                        msg: msg.clone(),
+                    },
+                );
+            }
+        }
+    }
+
     fn crash(&mut self) -> Result<(), Violation> {
         if self.engine.is_none() || self.settling {
             return Ok(());
@@ -1260,25 +1359,24 @@ impl World {
                 self.opts.sabotage == Some(Sabotage::LoseDurableRecords),
             )
             .map_err(|e| ("journal-readable", e))?;
-        self.oracle.truncate(s.records.len() as u64);
+        self.oracle.truncate(s.records);
         self.sum.crash_extra_records += s.extra_records;
         self.sum.torn_tails += (s.torn_bytes > 0) as u64;
         self.note(format!(
             "t={} CRASH: {} records survive ({} not durable), torn {} bytes",
             self.now - T0_MS,
-            s.records.len(),
+            s.records,
             s.extra_records,
             s.torn_bytes
         ));
-        self.survivors = s.records;
         let d = 10 + self.rng.below(self.f.restart_max_ms);
         self.after(d, Ev::Restart);
         Ok(())
     }
 
-    /// Rebuild the engine from the journal as `journal::Recovery::apply` does: replay
-    /// every record, settle what the crash left open, journal the orders it failed
-    /// (durably, before serving), then query the PENDING ones.
+    /// Rebuild the engine from the journal with the code `journal::Recovery::apply` uses
+    /// (`replay_and_settle`: parallel replay, then `finish_recovery`), journal the orders
+    /// it failed (durably, before serving), then query the PENDING ones.
     fn restart(&mut self) -> Result<(), Violation> {
         let e = Engine::new(
             engine_config(self.inc),
@@ -1286,10 +1384,14 @@ impl World {
             &PII_SECRET,
             self.now * 1000,
         );
-        for r in std::mem::take(&mut self.survivors) {
-            e.replay(r, self.now);
-        }
-        let mut resumed = e.finish_recovery(self.now, RETENTION_MS);
+        let (_, mut resumed) = crate::journal::replay_and_settle(
+            &e,
+            &self.journal.segment(),
+            1,
+            self.now,
+            RETENTION_MS,
+        )
+        .map_err(|err| ("journal-readable", err.to_string()))?;
         for r in &resumed.failed {
             self.append(r);
         }

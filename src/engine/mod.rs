@@ -51,6 +51,7 @@ use agreement::{
 };
 use order::{AttemptResult, Order, OrderKey, OrderKind, Phase, Step};
 pub use record::Record;
+pub(crate) use replay::Resumed;
 pub use route::{ChannelConfig, ChannelTable, Product, RoutingPolicy};
 
 use crate::health::{Health, HealthConfig, Observation, Override, RoutingMetrics};
