@@ -179,6 +179,8 @@ struct World {
     journal: SimJournal,
     waiting: Vec<(u64, Record, Task)>,
     fsync_pending: bool,
+    /// A crash waits for the next journal append (lands inside an fsync window).
+    crash_armed: bool,
     inflight: BTreeMap<u64, InFlight>,
     next_did: u64,
     chans: Vec<SimChannel>,
@@ -266,7 +268,7 @@ impl World {
             } else {
                 1
             },
-            fsync_max_ms: pick(&mut rng, &[1, 5, 30]),
+            fsync_max_ms: pick(&mut rng, &[1, 5, 30, 200]),
             chan_flap_ms: (faults && rng.chance(0.6)).then(|| pick(&mut rng, &[2_000, 8_000])),
             lender_flap_ms: (faults && rng.chance(0.5)).then(|| pick(&mut rng, &[3_000, 10_000])),
             crashes: if faults { rng.below(4) } else { 0 },
@@ -313,6 +315,7 @@ impl World {
             journal: SimJournal::default(),
             waiting: Vec::new(),
             fsync_pending: false,
+            crash_armed: false,
             inflight: BTreeMap::new(),
             next_did: 1,
             link_up: vec![true; nch],
@@ -774,9 +777,10 @@ impl World {
                     .partition(|(lsn, _, _)| *lsn <= durable);
                 self.waiting = rest;
                 for (_, rec, task) in ready {
-                    if let Some(e) = &self.engine {
-                        e.record_durable(&rec);
-                    }
+                    let Some(e) = &self.engine else {
+                        break; // an armed crash struck while resuming
+                    };
+                    e.record_durable(&rec);
                     self.run_task(task)?;
                 }
                 Ok(())
@@ -813,7 +817,14 @@ impl World {
                 self.revoke();
                 Ok(())
             }
-            Ev::Crash => self.crash(),
+            Ev::Crash => {
+                if self.rng.chance(0.5) {
+                    self.crash_armed = true;
+                    Ok(())
+                } else {
+                    self.crash()
+                }
+            }
             Ev::Restart => self.restart(),
             Ev::Settle => {
                 self.note(format!("t={} settle", self.now - T0_MS));
@@ -1148,9 +1159,15 @@ impl World {
 
     fn run_task(&mut self, mut t: Task) -> Result<(), Violation> {
         while let Some(a) = t.actions.pop_front() {
+            if self.engine.is_none() {
+                return Ok(()); // crashed meanwhile: the task is gone with the process
+            }
             match a {
                 Action::Journal(r) => {
                     let lsn = self.append(&r);
+                    if self.crash_armed && !self.settling {
+                        return self.crash();
+                    }
                     if self.opts.sabotage == Some(Sabotage::TellBeforeDurable) {
                         if let Some(e) = &self.engine {
                             e.record_durable(&r);
@@ -1260,7 +1277,9 @@ impl World {
 
     fn resume(&mut self, f: InFlight, r: DispatchResult) -> Result<(), Violation> {
         let mut t = f.task;
-        let e = self.engine.as_ref().expect("up");
+        let Some(e) = self.engine.as_ref() else {
+            return Ok(());
+        };
         let more = e.dispatch_result(&f.token, r, self.now);
         for x in more.into_iter().rev() {
             t.actions.push_front(x);
@@ -1343,6 +1362,7 @@ impl World {
     }
 
     fn crash(&mut self) -> Result<(), Violation> {
+        self.crash_armed = false;
         if self.engine.is_none() || self.settling {
             return Ok(());
         }
