@@ -6,8 +6,8 @@
 
 use sluice::dst::{run_seed, Options, Sabotage, Summary};
 
-/// Seeds in the CI sweep (about 10 s in a debug build on a loaded 2-core machine).
-const SWEEP: u64 = 400;
+/// Seeds in the CI sweep (10-40 s in a debug build on a loaded 2-core machine).
+const SWEEP: u64 = 300;
 
 #[test]
 fn sweep_keeps_every_money_safety_invariant() {
@@ -30,6 +30,7 @@ fn sweep_keeps_every_money_safety_invariant() {
         tot.lost += s.lost;
         tot.signed += s.signed;
         tot.revoked += s.revoked;
+        tot.snapshots += s.snapshots;
     }
     // The sweep is only worth something if the faults it claims really happened.
     println!("{tot:#?}");
@@ -38,7 +39,11 @@ fn sweep_keeps_every_money_safety_invariant() {
         "{tot:?}"
     );
     assert!(tot.crashes > 100, "switch crashes: {tot:?}");
-    assert!(tot.torn_tails > 5, "torn journal tails: {tot:?}");
+    assert!(tot.torn_tails > 50, "torn journal tails: {tot:?}");
+    assert!(
+        tot.crash_extra_records > 10,
+        "unsynced records kept: {tot:?}"
+    );
     assert!(
         tot.not_sent > 100 && tot.unknown > 100,
         "NOT_SENT/UNKNOWN: {tot:?}"

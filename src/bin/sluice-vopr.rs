@@ -84,6 +84,7 @@ fn main() -> ExitCode {
                 tot.crashes += s.crashes;
                 tot.crash_extra_records += s.crash_extra_records;
                 tot.torn_tails += s.torn_tails;
+                tot.snapshots += s.snapshots;
                 tot.lost += s.lost;
                 tot.signed += s.signed;
                 tot.revoked += s.revoked;
@@ -126,8 +127,14 @@ fn main() -> ExitCode {
         tot.revoked
     );
     println!(
-        "  crashes {} (non-durable records surviving {}, torn tails {}) lost msgs {} not-sent {} unknown {}",
-        tot.crashes, tot.crash_extra_records, tot.torn_tails, tot.lost, tot.not_sent, tot.unknown
+        "  crashes {} (non-durable records surviving {}, torn tails {}) snapshots {} lost msgs {} not-sent {} unknown {}",
+        tot.crashes,
+        tot.crash_extra_records,
+        tot.torn_tails,
+        tot.snapshots,
+        tot.lost,
+        tot.not_sent,
+        tot.unknown
     );
     if failed.is_empty() {
         ExitCode::SUCCESS

@@ -68,6 +68,11 @@ impl SimJournal {
         vec![(segment::file_name(1).into(), self.bytes.clone())]
     }
 
+    /// LSN the next record gets.
+    pub fn next_lsn(&self) -> u64 {
+        self.next_lsn
+    }
+
     /// Highest durable LSN.
     pub fn durable_lsn(&self) -> u64 {
         self.durable_lsn

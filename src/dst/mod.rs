@@ -97,6 +97,8 @@ pub struct Summary {
     pub crash_extra_records: u64,
     /// Torn tails cut off by recovery.
     pub torn_tails: u64,
+    /// Snapshots published (recovery then loads the newest and replays the tail).
+    pub snapshots: u64,
     /// Messages dropped by the network.
     pub lost: u64,
     /// Agreements signed through pre-bind + confirm.

@@ -144,6 +144,48 @@ impl Oracle {
         }
     }
 
+    /// A snapshot of `e` was published: what it holds is durable from now on (LSN 0:
+    /// never lost by a crash, whatever happens to the journal's tail).
+    pub fn snapshot_published(&mut self, e: &Engine) {
+        let (mut agreements, mut orders, mut notes) = (Vec::new(), Vec::new(), Vec::new());
+        e.visit_for_snapshot(
+            |a| agreements.push(a.id.0),
+            |o| {
+                orders.push((
+                    o.key,
+                    o.attempts.iter().map(|a| a.order_ref).collect::<Vec<_>>(),
+                ))
+            },
+            |m, n| notes.push((*m, n.clone())),
+        );
+        let ix = &mut self.index;
+        for a in agreements {
+            ix.agreements.insert(a, 0);
+        }
+        for (key, refs) in orders {
+            ix.accepted.entry(key).or_default().push(0);
+            for r in refs {
+                ix.attempts.insert(r, 0);
+            }
+        }
+        for (m, n) in notes {
+            match n.kind {
+                NotifyKind::OrderFinal => {
+                    if let Ok(o) = lm::OrderId::new(n.order_id.as_str()) {
+                        ix.finals.entry((m, o)).or_default().push((
+                            0,
+                            n.result.status,
+                            n.notify_id,
+                        ));
+                    }
+                }
+                NotifyKind::AgreementRevoked => {
+                    ix.revocations.insert(n.notify_id, 0);
+                }
+            }
+        }
+    }
+
     fn entry(&mut self, key: &OrderKey) -> &mut Told {
         self.orders.entry(name(key)).or_insert_with(|| Told {
             key: *key,

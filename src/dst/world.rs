@@ -90,6 +90,7 @@ enum Ev {
     QueryDue(u32, OrderKey, OrderRef),
     NotifyTick(u32),
     Revoke,
+    Snapshot,
     Crash,
     Restart,
     Settle,
@@ -160,6 +161,7 @@ struct Faults {
     crashes: u64,
     restart_max_ms: u64,
     tick_mean_ms: u64,
+    snapshot_every_ms: Option<u64>,
 }
 
 struct World {
@@ -181,6 +183,10 @@ struct World {
     fsync_pending: bool,
     /// A crash waits for the next journal append (lands inside an fsync window).
     crash_armed: bool,
+    /// Directory for snapshot files (created at the first snapshot, removed at drop).
+    snap_dir: Option<std::path::PathBuf>,
+    /// The newest published snapshot and the LSN replay starts from.
+    snapshot: Option<(std::path::PathBuf, u64)>,
     inflight: BTreeMap<u64, InFlight>,
     next_did: u64,
     chans: Vec<SimChannel>,
@@ -194,6 +200,14 @@ struct World {
     card_seq: u64,
     oracle: Oracle,
     sum: Summary,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if let Some(d) = &self.snap_dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
 }
 
 /// Run one seed: Ok with what happened, or the first broken invariant.
@@ -274,6 +288,7 @@ impl World {
             crashes: if faults { rng.below(4) } else { 0 },
             restart_max_ms: pick(&mut rng, &[100, 3_000, 40_000]),
             tick_mean_ms: pick(&mut rng, &[100, 300, 800]),
+            snapshot_every_ms: rng.chance(0.5).then(|| pick(&mut rng, &[2_000, 7_000])),
         };
         let nch = 2 + rng.below(2) as usize;
         let mut chans = Vec::new();
@@ -316,6 +331,8 @@ impl World {
             waiting: Vec::new(),
             fsync_pending: false,
             crash_armed: false,
+            snap_dir: None,
+            snapshot: None,
             inflight: BTreeMap::new(),
             next_did: 1,
             link_up: vec![true; nch],
@@ -472,6 +489,10 @@ impl World {
         for _ in 0..self.f.crashes {
             let d = self.rng.below(self.opts.traffic_ms.max(1));
             self.after(d, Ev::Crash);
+        }
+        if let Some(p) = self.f.snapshot_every_ms {
+            let d = self.rng.below(p);
+            self.after(d, Ev::Snapshot);
         }
         self.after(1_000, Ev::NotifyTick(self.inc));
         self.at(traffic_end, Ev::Settle);
@@ -769,22 +790,9 @@ impl World {
                     return Ok(());
                 }
                 self.fsync_pending = false;
-                self.journal.sync();
-                let durable = self.journal.durable_lsn();
-                self.note(format!("t={} fsync lsn={durable}", self.now - T0_MS));
-                let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-                    .into_iter()
-                    .partition(|(lsn, _, _)| *lsn <= durable);
-                self.waiting = rest;
-                for (_, rec, task) in ready {
-                    let Some(e) = &self.engine else {
-                        break; // an armed crash struck while resuming
-                    };
-                    e.record_durable(&rec);
-                    self.run_task(task)?;
-                }
-                Ok(())
+                self.fsync()
             }
+            Ev::Snapshot => self.snapshot(),
             Ev::QueryDue(inc, key, r) => {
                 if inc != self.inc {
                     return Ok(());
@@ -1267,6 +1275,93 @@ impl World {
         Ok(())
     }
 
+    /// Everything written is durable: resume the tasks that waited for it.
+    fn fsync(&mut self) -> Result<(), Violation> {
+        self.journal.sync();
+        let durable = self.journal.durable_lsn();
+        self.note(format!("t={} fsync lsn={durable}", self.now - T0_MS));
+        let (ready, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(lsn, _, _)| *lsn <= durable);
+        self.waiting = rest;
+        for (_, rec, task) in ready {
+            let Some(e) = &self.engine else {
+                break; // an armed crash struck while resuming
+            };
+            e.record_durable(&rec);
+            self.run_task(task)?;
+        }
+        Ok(())
+    }
+
+    /// A snapshot as `Journal::snapshot` takes one: write it (replay from the next LSN),
+    /// make the journal durable up to there, publish it.
+    fn snapshot(&mut self) -> Result<(), Violation> {
+        if let Some(p) = self.f.snapshot_every_ms {
+            if !self.settling {
+                self.after(p, Ev::Snapshot);
+            }
+        }
+        let Some(e) = &self.engine else {
+            return Ok(());
+        };
+        let dir = match &self.snap_dir {
+            Some(d) => d.clone(),
+            None => {
+                static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+                let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                // tmpfs when there is one: snapshot fsyncs cost nothing there, and
+                // durability is simulated anyway.
+                let shm = std::path::Path::new("/dev/shm");
+                let base = if shm.is_dir() {
+                    shm.to_path_buf()
+                } else {
+                    std::env::temp_dir()
+                };
+                let d = base.join(format!(
+                    "sluice-vopr-{}-{}-{n}",
+                    std::process::id(),
+                    self.seed
+                ));
+                std::fs::create_dir_all(&d).map_err(|err| ("snapshot", err.to_string()))?;
+                self.snap_dir = Some(d.clone());
+                d
+            }
+        };
+        let from = self.journal.next_lsn();
+        let (tmp, info) = crate::journal::snapshot::write(
+            &dir,
+            e,
+            from,
+            self.now,
+            self.now.saturating_sub(RETENTION_MS),
+        )
+        .map_err(|err| ("snapshot", err.to_string()))?;
+        self.fsync()?;
+        if self.engine.is_none() {
+            // Crashed before publishing: recovery ignores (and deletes) the temporary file.
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(());
+        }
+        let path = crate::journal::snapshot::publish(&dir, &tmp, from)
+            .map_err(|err| ("snapshot", err.to_string()))?;
+        if let Some((old, _)) = self.snapshot.replace((path.clone(), from)) {
+            if old != path {
+                let _ = std::fs::remove_file(old);
+            }
+        }
+        let e = self.engine.as_ref().expect("up");
+        self.oracle.snapshot_published(e);
+        self.sum.snapshots += 1;
+        self.note(format!(
+            "t={} snapshot from lsn {from}: {} orders, {} agreements",
+            self.now - T0_MS,
+            info.orders,
+            info.agreements
+        ));
+        Ok(())
+    }
+
     fn schedule_fsync(&mut self) {
         if !self.fsync_pending {
             self.fsync_pending = true;
@@ -1404,10 +1499,21 @@ impl World {
             &PII_SECRET,
             self.now * 1000,
         );
+        let mut from = 1;
+        if let Some((path, lsn)) = &self.snapshot {
+            crate::journal::snapshot::load(
+                path,
+                &e,
+                self.now,
+                self.now.saturating_sub(RETENTION_MS),
+            )
+            .map_err(|err| ("journal-readable", err.to_string()))?;
+            from = *lsn;
+        }
         let (_, mut resumed) = crate::journal::replay_and_settle(
             &e,
             &self.journal.segment(),
-            1,
+            from,
             self.now,
             RETENTION_MS,
         )
