@@ -134,6 +134,7 @@ impl Switch {
                                 Record::OrderAccepted { .. }
                                     | Record::AttemptOutcome { .. }
                                     | Record::OrderFinal { .. }
+                                    | Record::RevocationNotice { .. }
                             )
                         })
                         .cloned()

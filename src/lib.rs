@@ -16,6 +16,8 @@
 //!   routing metrics (I/O-free; the engine's router reads it).
 //! - [`upstream`]: per-channel pools of persistent, pipelined, authenticated connections.
 //! - [`journal`]: the durable, group-committed log of engine records, snapshots, recovery.
+//! - [`dst`]: deterministic simulation of the engine (VOPR): seeded world, faults,
+//!   crashes with journal recovery, money-safety invariants checked every step.
 //! - [`recon`]: daily reconciliation of a channel's statement against sluice's own record.
 //! - [`admin`]: the operator's HTTP port and status page over a running switch (reads
 //!   engine, health, pools and journal; acts through the engine's operator calls).
@@ -27,6 +29,7 @@ pub mod channel;
 pub mod client;
 pub mod config;
 pub mod crypto;
+pub mod dst;
 pub mod engine;
 pub mod health;
 pub mod import;

@@ -51,6 +51,7 @@ use agreement::{
 };
 use order::{AttemptResult, Order, OrderKey, OrderKind, Phase, Step};
 pub use record::Record;
+pub(crate) use replay::Resumed;
 pub use route::{ChannelConfig, ChannelTable, Product, RoutingPolicy};
 
 use crate::health::{Health, HealthConfig, Observation, Override, RoutingMetrics};
@@ -251,6 +252,9 @@ struct Outgoing {
     msg: lm::Notify,
     next_at_ms: u64,
     sends: u32,
+    /// The record it announces is durable: only then may it be sent again (re-sends,
+    /// logon). Its first send is the `Action::Notify` that follows the record.
+    durable: bool,
 }
 
 /// Counters of things that deserve an operator's eye.
@@ -936,6 +940,7 @@ impl Engine {
                         msg: n.msg.clone(),
                         next_at_ms: now_ms + self.cfg.notify_retry_ms,
                         sends: 1,
+                        durable: false,
                     },
                 );
                 out.push(Action::Notify(n));
@@ -1015,7 +1020,12 @@ impl Engine {
                         .fetch_add(1, Ordering::Relaxed);
                 }
                 if reply {
-                    out.push(Action::Reply(order_reply(&o, o.outcome)));
+                    // Nothing journaled here: tell the durable state only (rule 3). The
+                    // order may be final in memory with its record still being written.
+                    let told = o
+                        .durable
+                        .unwrap_or_else(|| reply_outcome(Status::Pending, Reason::OK));
+                    out.push(Action::Reply(order_reply(&o, told)));
                 }
             }
         }
@@ -1226,6 +1236,14 @@ impl Engine {
     /// The shell calls this once `rec` is durable: from then on the state it records may
     /// be told to a repeated request or a query.
     pub fn record_durable(&self, rec: &Record) {
+        match rec {
+            Record::OrderFinal { notify_id, .. } | Record::RevocationNotice { notify_id, .. } => {
+                if let Some(mut n) = self.outbox.get_mut(notify_id) {
+                    n.durable = true;
+                }
+            }
+            _ => {}
+        }
         let (key, outcome) = match rec {
             Record::OrderAccepted { key, .. } => (key, None),
             Record::AttemptOutcome { key, outcome, .. } => match outcome {
@@ -1277,7 +1295,7 @@ impl Engine {
             if due.len() >= max {
                 break;
             }
-            if e.next_at_ms <= now_ms {
+            if e.durable && e.next_at_ms <= now_ms {
                 e.sends += 1;
                 let back = self
                     .cfg
@@ -1298,7 +1316,7 @@ impl Engine {
     pub fn notifications_for(&self, merchant: &MerchantNo, max: usize) -> Vec<Notification> {
         self.outbox
             .iter()
-            .filter(|e| &e.merchant == merchant)
+            .filter(|e| &e.merchant == merchant && e.durable)
             .take(max)
             .map(|e| Notification {
                 merchant: e.merchant,
@@ -1342,16 +1360,26 @@ impl Engine {
         now_ms: u64,
     ) -> Actions {
         if let Some(o) = self.orders.get(&(merchant, req.order_id)) {
-            let mut out = o.outcome;
-            out.reason = Reason::DUPLICATE_ORDER;
+            // The durable state only (rule 3), as for a repeated DEBIT_REQ: BUSY until the
+            // acceptance is durable.
+            let out = match o.durable {
+                Some(mut d) => {
+                    d.reason = Reason::DUPLICATE_ORDER;
+                    d
+                }
+                None => reply_outcome(Status::Busy, Reason::OVERLOADED),
+            };
+            // The agreement record precedes the acceptance in the journal, so it is
+            // durable once the acceptance is; before that its id is not told either.
+            let agreement_id = match (o.kind, o.durable) {
+                (OrderKind::Debit { agreement }, Some(_)) => agreement.0,
+                _ => 0,
+            };
             return vec![Action::Reply(
                 lm::SignAndPayRsp {
                     result: out,
                     bind_ref: 0,
-                    agreement_id: match o.kind {
-                        OrderKind::Debit { agreement } => agreement.0,
-                        OrderKind::Payout { .. } => 0,
-                    },
+                    agreement_id,
                 }
                 .into(),
             )];
@@ -1850,6 +1878,7 @@ impl Engine {
                 msg: msg.clone(),
                 next_at_ms: now_ms + self.cfg.notify_retry_ms,
                 sends: 1,
+                durable: false,
             },
         );
         vec![

@@ -101,6 +101,7 @@ impl Engine {
                 msg,
                 next_at_ms: now_ms,
                 sends: 0,
+                durable: true,
             },
         );
     }
@@ -228,6 +229,7 @@ impl Engine {
                     msg: n.msg,
                     next_at_ms: now_ms,
                     sends: 0,
+                    durable: true,
                 });
             }
             Record::Agreement(a) => self.restore_agreement(*a),
@@ -259,6 +261,7 @@ impl Engine {
                     msg,
                     next_at_ms: now_ms,
                     sends: 0,
+                    durable: true,
                 });
             }
         }
@@ -325,6 +328,11 @@ impl Engine {
                 )),
             }
         }
+        // Ids in a fixed order (the map's iteration order is random per process), so a
+        // recovery is reproducible — the deterministic simulation replays it exactly.
+        finals.sort_by(|a, b| {
+            (a.0 .0.as_str(), a.0 .1.as_str()).cmp(&(b.0 .0.as_str(), b.0 .1.as_str()))
+        });
         for (key, status, reason, code, order_ref) in finals {
             let Some(mut o) = self.orders.get_mut(&key) else {
                 continue;
@@ -355,6 +363,7 @@ impl Engine {
                     msg: n.msg,
                     next_at_ms: now_ms,
                     sends: 0,
+                    durable: true,
                 },
             );
         }

@@ -283,3 +283,176 @@ fn repeated_channel_notifications_make_one_final_state_and_one_notification() {
     assert_eq!(e.outbox_len(), 1);
     assert_eq!(e.stats.duplicate_channel_results.load(Ordering::Relaxed), 4);
 }
+
+/// Found by the deterministic simulation (`sluice-vopr`, seed 458): the order turned
+/// final from a channel notification; before that record was durable the answer to the
+/// original PAY_REQ arrived and its reply told the lender the in-memory SUCCESS. A crash
+/// then would have told the lender a state the journal never had (rule 3).
+#[test]
+fn reply_after_a_late_answer_tells_only_the_durable_state() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    make_durable(&e, &acts);
+    let d = dispatch(&acts)[0].clone();
+    let ch::Message::PayReq(p) = &d.msg else {
+        panic!()
+    };
+    let (code, class) = Code::OK.pair();
+    let notify: ch::Message = ch::Notify {
+        notify_id: 9,
+        order_ref: p.order_ref,
+        order_type: OrderType::Debit,
+        code,
+        class,
+        amount: Fen(100),
+        channel_serial: Serial::empty(),
+        finished_at_ms: 5,
+    }
+    .into();
+    let final_acts = e.channel_unsolicited(&ChannelId::new("A").unwrap(), &notify, 5);
+    assert!(final_acts
+        .iter()
+        .any(|x| matches!(x, Action::Journal(Record::OrderFinal { .. }))));
+    // The PAY_RSP comes back before the final record is durable.
+    let late = e.dispatch_result(&d.token, pay_answer(&d, Code::ACCEPTED), 6);
+    assert_eq!(reply_status(&late), Some((Status::Pending, Reason::OK)));
+    make_durable(&e, &final_acts);
+    let repeat = e.debit(m(), &debit("O1", a, 100), 7);
+    assert_eq!(
+        reply_status(&repeat),
+        Some((Status::Success, Reason::DUPLICATE_ORDER))
+    );
+}
+
+/// Found by the deterministic simulation (`sluice-vopr`, seed 402): a lender logging on
+/// while an order's final record was still being written got its notification at once
+/// (`notifications_for` read the outbox), before the record was durable (rule 3); a crash
+/// then would make recovery query the order and notify it again under another id.
+#[test]
+fn notifications_wait_for_their_final_record() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("O1", a, 100), 0);
+    make_durable(&e, &acts);
+    let d = dispatch(&acts)[0].clone();
+    let after = e.dispatch_result(&d.token, pay_answer(&d, Code::OK), 1);
+    assert_eq!(e.outbox_len(), 1);
+    assert!(
+        e.notifications_for(&m(), 10).is_empty(),
+        "logon before durable"
+    );
+    assert!(
+        e.notifications_due(3_600_000, 10).is_empty(),
+        "re-send before durable"
+    );
+    make_durable(&e, &after);
+    assert_eq!(e.notifications_for(&m(), 10).len(), 1);
+    assert_eq!(e.notifications_due(3_600_000, 10).len(), 1);
+}
+
+fn sign_and_pay_req(order: &str) -> lm::SignAndPayReq {
+    lm::SignAndPayReq {
+        user_id: Ascii::new("U1").unwrap(),
+        card_type: CardType::Debit,
+        bank_code: BankCode::new("ICBC").unwrap(),
+        card_no: CardNo::new("6222021234567890128").unwrap(),
+        id_no: lm::IdNo::new("11010519491231002X").unwrap(),
+        name: Name::new("张三").unwrap(),
+        phone: lm::Phone::new("13812345678").unwrap(),
+        order_id: OrderId::new(order).unwrap(),
+        amount: Fen(100),
+        currency: Currency,
+        purpose: Purpose::new("p").unwrap(),
+    }
+}
+
+fn sign_and_pay_status(actions: &Actions) -> Option<(Status, Reason)> {
+    actions.iter().find_map(|a| match a {
+        Action::Reply(lm::Message::SignAndPayRsp(r)) => Some((r.result.status, r.result.reason)),
+        _ => None,
+    })
+}
+
+/// Found by the deterministic simulation (`sluice-vopr`, seeds 114, 205, 369, 915): a
+/// repeated SIGN_AND_PAY_REQ was answered with the order's in-memory state — PENDING
+/// before its acceptance was durable, FAILED/SUCCESS before the final record was — and
+/// with the new agreement's id before the agreement record was durable (rule 3).
+#[test]
+fn repeated_sign_and_pay_tells_only_the_durable_state() {
+    let e = engine(&["A"]);
+    let first = e.sign_and_pay(m(), &sign_and_pay_req("O1"), 0);
+    let v = dispatch(&first)[0].clone();
+    let ch::Message::VerifyReq(vr) = &v.msg else {
+        panic!("{:?}", v.msg)
+    };
+    let (code, class) = Code::OK.pair();
+    let verified = e.dispatch_result(
+        &v.token,
+        DispatchResult::Answer(
+            ch::VerifyRsp {
+                code,
+                class,
+                sign_ref: vr.sign_ref,
+                sms_sent: 1,
+                agreement_no: Ascii::empty(),
+            }
+            .into(),
+        ),
+        1,
+    );
+    let Some(Action::Reply(lm::Message::SignAndPayRsp(rsp))) = verified.last() else {
+        panic!("{verified:?}")
+    };
+    let confirm = e.bind_confirm(
+        m(),
+        &lm::BindConfirmReq {
+            bind_ref: lm::BindRef(rsp.bind_ref),
+            sms_code: lm::SmsCode::new("345678").unwrap(),
+        },
+        2,
+    );
+    let s = dispatch(&confirm)[0].clone();
+    let signed = e.dispatch_result(
+        &s.token,
+        DispatchResult::Answer(
+            ch::SignRsp {
+                code,
+                class,
+                sign_ref: vr.sign_ref,
+                agreement_no: Ascii::new("AGR1").unwrap(),
+            }
+            .into(),
+        ),
+        3,
+    );
+    assert!(signed
+        .iter()
+        .any(|x| matches!(x, Action::Journal(Record::OrderAccepted { .. }))));
+    // The debit's acceptance is not durable yet: a repeat hears BUSY, as a DEBIT_REQ would.
+    let repeat = e.sign_and_pay(m(), &sign_and_pay_req("O1"), 4);
+    assert_eq!(
+        sign_and_pay_status(&repeat),
+        Some((Status::Busy, Reason::OVERLOADED))
+    );
+    // Nor the new agreement's id, whose record may not be durable yet either.
+    assert!(matches!(
+        repeat.last(),
+        Some(Action::Reply(lm::Message::SignAndPayRsp(r))) if r.agreement_id == 0
+    ));
+    make_durable(&e, &signed);
+    let pay = dispatch(&signed)[0].clone();
+    let fin = e.dispatch_result(&pay.token, pay_answer(&pay, Code::INSUFFICIENT_FUNDS), 5);
+    // Final in memory, its record not durable: still PENDING.
+    let repeat = e.sign_and_pay(m(), &sign_and_pay_req("O1"), 6);
+    assert_eq!(
+        sign_and_pay_status(&repeat),
+        Some((Status::Pending, Reason::DUPLICATE_ORDER))
+    );
+    make_durable(&e, &fin);
+    let repeat = e.sign_and_pay(m(), &sign_and_pay_req("O1"), 7);
+    assert_eq!(
+        sign_and_pay_status(&repeat),
+        Some((Status::Failed, Reason::DUPLICATE_ORDER))
+    );
+}

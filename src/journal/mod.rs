@@ -560,9 +560,14 @@ impl Recovery {
             report.snapshot_agreements = loaded.agreements;
             report.snapshot_orders = loaded.orders;
         }
-        report.records_replayed =
-            replay_parallel(engine, &self.segments, self.replay_from_lsn, now_ms)?;
-        let resumed = engine.finish_recovery(now_ms, retention_ms);
+        let (replayed, resumed) = replay_and_settle(
+            engine,
+            &self.segments,
+            self.replay_from_lsn,
+            now_ms,
+            retention_ms,
+        )?;
+        report.records_replayed = replayed;
         for rec in &resumed.failed {
             self.journal
                 .append_blocking(rec)
@@ -581,6 +586,22 @@ impl Recovery {
         );
         Ok(report)
     }
+}
+
+/// The part of [`Recovery::apply`] after the snapshot: replay the checked segments'
+/// records from LSN `from` on, then settle what the crash left open. Returns the records
+/// replayed and what [`Engine::finish_recovery`] found; the caller journals
+/// `failed` durably before serving and queries `pending`. Also the recovery path of the
+/// deterministic simulation (`dst`), which keeps its segment in memory.
+pub(crate) fn replay_and_settle(
+    engine: &Engine,
+    segments: &[(PathBuf, Vec<u8>)],
+    from: u64,
+    now_ms: u64,
+    retention_ms: u64,
+) -> Result<(u64, crate::engine::Resumed), JournalError> {
+    let replayed = replay_parallel(engine, segments, from, now_ms)?;
+    Ok((replayed, engine.finish_recovery(now_ms, retention_ms)))
 }
 
 /// Records per hand-off from the reader to a replay worker.
