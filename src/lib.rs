@@ -16,6 +16,7 @@
 //!   routing metrics (I/O-free; the engine's router reads it).
 //! - [`upstream`]: per-channel pools of persistent, pipelined, authenticated connections.
 //! - [`journal`]: the durable, group-committed log of engine records, snapshots, recovery.
+//! - [`fuzz_entry`]: the fuzz targets' bodies, callable from stable tests.
 //! - [`recon`]: daily reconciliation of a channel's statement against sluice's own record.
 #![warn(missing_docs)]
 
@@ -26,6 +27,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod engine;
+pub mod fuzz_entry;
 pub mod health;
 pub mod import;
 pub mod journal;
