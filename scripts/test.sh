@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # The test command (README "Run the tests"): format check, clippy with warnings as
-# errors, then every test of the workspace.
+# errors, every test of the workspace, the Python client, and the chaos scenarios in
+# their short form.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 bash scripts/python_client_e2e.sh
+bash scripts/chaos.sh
