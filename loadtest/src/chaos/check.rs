@@ -66,9 +66,21 @@ pub async fn settle(c: &Client, book: &Book, deadline: Duration) -> HashMap<Stri
     }
 }
 
-/// Successful executions per amount, over every channel's ledger; and the ledgers'
-/// own duplicate count and consistency.
-pub fn ledger(sims: &[(String, SimHandle)]) -> (HashMap<u64, u32>, u64, Vec<String>, usize) {
+/// What the channels' ledgers say, reduced to what the invariants need.
+#[derive(Debug, Default)]
+pub struct LedgerView {
+    /// Successful executions per amount (each checked order has its own amount).
+    pub by_amount: HashMap<u64, u32>,
+    /// Order references that arrived more than once (`SimHandle::duplicates`).
+    pub dups: u64,
+    /// Inconsistencies the ledgers report about themselves.
+    pub problems: Vec<String>,
+    /// Ledger entries in all.
+    pub entries: usize,
+}
+
+/// Read every channel's ledger.
+pub fn ledger(sims: &[(String, SimHandle)]) -> LedgerView {
     let mut by_amount: HashMap<u64, u32> = HashMap::new();
     let (mut dups, mut problems, mut entries) = (0, Vec::new(), 0);
     for (id, s) in sims {
@@ -83,7 +95,12 @@ pub fn ledger(sims: &[(String, SimHandle)]) -> (HashMap<u64, u32>, u64, Vec<Stri
             problems.push(format!("{id}: {p}"));
         }
     }
-    (by_amount, dups, problems, entries)
+    LedgerView {
+        by_amount,
+        dups,
+        problems,
+        entries,
+    }
 }
 
 fn first(v: &[String]) -> String {
@@ -95,12 +112,14 @@ fn first(v: &[String]) -> String {
 }
 
 /// The money-safety and notification invariants over every order in `book`.
-pub fn orders(
-    book: &Book,
-    finals: &HashMap<String, Status>,
-    sims: &[(String, SimHandle)],
-) -> Vec<Verdict> {
-    let (exec, dups, problems, entries) = ledger(sims);
+pub fn orders(book: &Book, finals: &HashMap<String, Status>, view: &LedgerView) -> Vec<Verdict> {
+    let LedgerView {
+        by_amount: exec,
+        dups,
+        problems,
+        entries,
+    } = view;
+    let dups = *dups;
     let orders = book.orders.lock().unwrap_or_else(|e| e.into_inner());
     let notified = book.notified.lock().unwrap_or_else(|e| e.into_inner());
     let (mut twice, mut not_final, mut wrong_state, mut lost, mut unnotified) =
@@ -188,4 +207,92 @@ pub fn orders(
         },
     });
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn book(orders: &[(&str, u64, &[Status])], notified: &[(&str, u64, Status)]) -> Book {
+        let b = Book::default();
+        for (id, amount, told) in orders {
+            b.sent(id, *amount);
+            let mut o = b.orders.lock().unwrap();
+            let r = o.get_mut(*id).unwrap();
+            r.told = told.iter().map(|s| (*s, lm::Reason::OK)).collect();
+        }
+        for (id, n, s) in notified {
+            b.notified
+                .lock()
+                .unwrap()
+                .entry(id.to_string())
+                .or_default()
+                .push((*n, *s));
+        }
+        b
+    }
+
+    fn view(exec: &[(u64, u32)]) -> LedgerView {
+        LedgerView {
+            by_amount: exec.iter().copied().collect(),
+            entries: exec.len(),
+            ..LedgerView::default()
+        }
+    }
+
+    fn oks(v: &[Verdict]) -> Vec<bool> {
+        v.iter().map(|v| v.ok).collect()
+    }
+
+    #[test]
+    fn a_clean_run_passes() {
+        let b = book(
+            &[
+                ("A", 101, &[Status::Pending]),
+                ("B", 102, &[Status::Failed]),
+            ],
+            &[
+                ("A", 1, Status::Success),
+                ("A", 1, Status::Success),
+                ("B", 2, Status::Failed),
+            ],
+        );
+        let finals = [("A".into(), Status::Success), ("B".into(), Status::Failed)].into();
+        assert_eq!(
+            oks(&orders(&b, &finals, &view(&[(101, 1)]))),
+            [true, true, true]
+        );
+    }
+
+    #[test]
+    fn every_violation_is_caught() {
+        let finals: HashMap<String, Status> = [("A".into(), Status::Success)].into();
+        let notes = [("A", 1, Status::Success)];
+        // Executed twice.
+        let b = book(&[("A", 101, &[Status::Success])], &notes);
+        assert!(!oks(&orders(&b, &finals, &view(&[(101, 2)])))[0]);
+        // Told FAILED, ended SUCCESS.
+        let b = book(&[("A", 101, &[Status::Failed])], &notes);
+        assert!(!oks(&orders(&b, &finals, &view(&[(101, 1)])))[1]);
+        // SUCCESS without an execution at the channel.
+        let b = book(&[("A", 101, &[Status::Success])], &notes);
+        assert!(!oks(&orders(&b, &finals, &view(&[])))[1]);
+        // Acknowledged but never final.
+        let b = book(&[("A", 101, &[Status::Pending])], &[]);
+        let pending = [("A".into(), Status::Pending)].into();
+        assert!(!oks(&orders(&b, &pending, &view(&[])))[1]);
+        // Executed though the switch does not know the order (answered BUSY).
+        let b = book(&[("A", 101, &[Status::Busy])], &[]);
+        let unknown = [("A".into(), Status::Rejected)].into();
+        assert!(!oks(&orders(&b, &unknown, &view(&[(101, 1)])))[1]);
+        // Two notify ids, or none, or another result.
+        for n in [
+            &[("A", 1, Status::Success), ("A", 2, Status::Success)][..],
+            &[][..],
+            &[("A", 1, Status::Failed)][..],
+        ] {
+            let b = book(&[("A", 101, &[Status::Success])], n);
+            assert!(!oks(&orders(&b, &finals, &view(&[(101, 1)])))[2], "{n:?}");
+        }
+    }
 }

@@ -501,7 +501,7 @@ async fn run_one(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     let _ = maint.await;
     let _ = sampler.await;
 
-    let mut verdicts = check::orders(&book, &finals, &bed.sims);
+    let mut verdicts = check::orders(&book, &finals, &check::ledger(&bed.sims));
     if let Some(t) = &hostile_tally {
         extra.push(hostile_verdict(t, &bed.sims));
     }
@@ -582,7 +582,7 @@ async fn run_one(scenario: Scenario, opts: &Options) -> Result<Outcome> {
 fn hostile_verdict(tally: &hostile::Tally, sims: &[(String, sluice::sim::SimHandle)]) -> Verdict {
     let g = |a: &AtomicU64| a.load(Relaxed);
     // The replayed debits are real: each may have executed once, never twice.
-    let (exec, _, _, _) = check::ledger(sims);
+    let exec = check::ledger(sims).by_amount;
     let replay_exec: Vec<u32> = (0..g(&tally.replays))
         .map(|k| exec.get(&(load::AMOUNT_REPLAY + k)).copied().unwrap_or(0))
         .collect();
