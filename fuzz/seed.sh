@@ -21,5 +21,5 @@ done
 cp ../config/sluice.example.toml corpus/config_loader/example.toml
 cp seeds/import_parser/*.csv corpus/import_parser/
 for t in lender_decoder channel_decoder import_parser config_loader; do
-  echo "$t: seeded $(ls corpus/$t | wc -l) inputs"
+  echo "$t: corpus of $(ls corpus/$t | wc -l) inputs"
 done

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The test command (README "Run the tests"): format check, clippy with warnings as
 # errors, every test of the workspace, the Python client, and the chaos scenarios in
-# their short form.
+# their short form, and 10 s per fuzz target when nightly and cargo-fuzz are installed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo fmt --all -- --check
@@ -9,3 +9,4 @@ cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
 bash scripts/python_client_e2e.sh
 bash scripts/chaos.sh
+bash scripts/fuzz.sh --short
