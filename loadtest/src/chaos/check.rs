@@ -125,6 +125,7 @@ pub fn orders(book: &Book, finals: &HashMap<String, Status>, view: &LedgerView) 
     let (mut twice, mut not_final, mut wrong_state, mut lost, mut unnotified) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut acked, mut final_n, mut notify_repeats) = (0u64, 0u64, 0u64);
+    let mut failed_by: std::collections::BTreeMap<&str, u64> = Default::default();
     for (id, rec) in orders.iter() {
         let Record { amount, told, .. } = rec;
         let executed = exec.get(amount).copied().unwrap_or(0);
@@ -132,6 +133,9 @@ pub fn orders(book: &Book, finals: &HashMap<String, Status>, view: &LedgerView) 
             twice.push(format!("{id} executed {executed} times"));
         }
         let state = finals.get(id).copied();
+        if let Some((_, r)) = told.iter().find(|(s, _)| *s == Status::Failed) {
+            *failed_by.entry(r.name()).or_default() += 1;
+        }
         if rec.acknowledged() {
             acked += 1;
             match state {
@@ -186,7 +190,9 @@ pub fn orders(book: &Book, finals: &HashMap<String, Status>, view: &LedgerView) 
             name: "acknowledged orders final, as told",
             ok: not_final.is_empty() && wrong_state.is_empty() && lost.is_empty(),
             detail: if not_final.is_empty() && wrong_state.is_empty() && lost.is_empty() {
-                format!("{acked} acknowledged, {final_n} final, ledger agrees")
+                format!(
+                    "{acked} acknowledged, {final_n} final, ledger agrees; told FAILED: {failed_by:?}"
+                )
             } else {
                 first(&[not_final, wrong_state, lost].concat())
             },
