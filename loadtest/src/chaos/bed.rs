@@ -241,7 +241,7 @@ impl Bed {
     }
 
     /// A clean debit on a fresh connection: the switch still serves after the fault.
-    pub async fn clean_debit(&self, order_id: &str, amount_fen: u64) -> Result<Status> {
+    pub async fn clean_debit(&self, order_id: &str, amount_fen: u64) -> Result<lm::Outcome> {
         let c = self.client(0, Duration::from_secs(10)).await?;
         let r = c
             .call(lm::DebitReq {
@@ -253,7 +253,7 @@ impl Bed {
             })
             .await?;
         match r.msg {
-            Message::DebitRsp(d) => Ok(d.result.status),
+            Message::DebitRsp(d) => Ok(d.result),
             other => bail!("clean debit answered {other:?}"),
         }
     }

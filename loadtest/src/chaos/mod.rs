@@ -469,15 +469,16 @@ async fn run_one(scenario: Scenario, opts: &Options) -> Result<Outcome> {
     let clean = bed.clean_debit("CLEAN-1", load::AMOUNT_CLEAN).await;
     book.sent("CLEAN-1", load::AMOUNT_CLEAN);
     let served_ok = matches!(
-        clean,
+        clean.as_ref().map(|o| o.status),
         Ok(Status::Success | Status::Pending | Status::Failed)
     );
-    if let Ok(s) = &clean {
+    if let Ok(out) = &clean {
         let mut o = book.orders.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(r) = o.get_mut("CLEAN-1") {
-            r.told.push((*s, sluice::message::Reason::OK));
+            r.told.push((out.status, out.reason));
         }
     }
+    let clean = clean.map(|o| format!("{} {}", o.status.name(), o.reason.name()));
 
     // Settle: every order final, then its notification.
     let c = Arc::new(load::connect(bed.listen, &bed.keys[0], Duration::from_secs(10)).await?);
