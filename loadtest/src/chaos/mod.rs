@@ -41,9 +41,10 @@ pub enum Scenario {
     ChannelKillRestart,
     /// CHA answers after 3 s (past the switch's 500 ms deadline).
     ChannelSlow,
-    /// CHA replaces 30% of answers with garbage bytes and 10% with corrupt MACs.
+    /// Both channels replace 30% of answers with garbage bytes and 10% with corrupt MACs.
     ChannelGarbage,
-    /// CHA drops each connection after every N frames (the N-th is executed, unanswered).
+    /// Both channels drop each connection after every N frames (the N-th is executed,
+    /// unanswered).
     ChannelDisconnectEveryN,
     /// CHA executes every instruction and answers none.
     ChannelSilent,
@@ -314,28 +315,41 @@ async fn run_one(scenario: Scenario, opts: &Options) -> Result<Outcome> {
                 t.attack.as_secs()
             );
         }
+        // Garbage and dropped connections on *both* channels: with one faulty channel
+        // the health breaker routes around it after a few faults, and little is tested.
         Scenario::ChannelGarbage => {
-            cha.update_profile(|p| {
-                p.garbage_ratio = 0.3;
-                p.bad_mac_ratio = 0.1;
-            })?;
+            let before: Vec<_> = bed.sims.iter().map(|(_, s)| s.stats()).collect();
+            for (_, s) in &bed.sims {
+                s.update_profile(|p| {
+                    p.garbage_ratio = 0.3;
+                    p.bad_mac_ratio = 0.1;
+                })?;
+            }
             tokio::time::sleep(t.attack).await;
-            let s = cha.stats();
+            let (mut garbage, mut macs) = (0, 0);
+            for ((_, s), b) in bed.sims.iter().zip(&before) {
+                let st = s.stats();
+                garbage += st.garbage_out - b.garbage_out;
+                macs += st.corrupt_macs_out - b.corrupt_macs_out;
+            }
             faults = format!(
-                "CHA: {} answers replaced by garbage, {} by corrupt MACs",
-                s.garbage_out - before.garbage_out,
-                s.corrupt_macs_out - before.corrupt_macs_out
+                "CHA and CHB: {garbage} answers replaced by garbage, {macs} by corrupt MACs"
             );
         }
         Scenario::ChannelDisconnectEveryN => {
             let n = if opts.short { 10 } else { 50 };
-            cha.update_profile(|p| p.disconnect_every_frames = n)?;
+            let before: Vec<_> = bed.sims.iter().map(|(_, s)| s.stats()).collect();
+            for (_, s) in &bed.sims {
+                s.update_profile(|p| p.disconnect_every_frames = n)?;
+            }
             tokio::time::sleep(t.attack).await;
-            let s = cha.stats();
-            faults = format!(
-                "CHA drops its connection every {n} frames: {} drops",
-                s.injected_disconnects - before.injected_disconnects
-            );
+            let drops: u64 = bed
+                .sims
+                .iter()
+                .zip(&before)
+                .map(|((_, s), b)| s.stats().injected_disconnects - b.injected_disconnects)
+                .sum();
+            faults = format!("CHA and CHB drop their connections every {n} frames: {drops} drops");
         }
         Scenario::ChannelSilent => {
             cha.update_profile(|p| p.drop_ratio = 1.0)?;
