@@ -66,7 +66,17 @@ struct Shared {
     keys: KeyStore,
     key_id: u16,
     merchant: MerchantNo,
-    next_id: AtomicU64,
+}
+
+/// The process's request id counter (SPEC §8: ids are unique per merchant number across
+/// all connections, "one counter per process does both"), seeded with the clock in
+/// microseconds so ids do not repeat across restarts either. A counter per client,
+/// seeded from the clock in milliseconds, gave two clients created in the same
+/// millisecond the same ids: the second one's logon was refused as a replay.
+fn next_request_id() -> u64 {
+    static NEXT: std::sync::OnceLock<AtomicU64> = std::sync::OnceLock::new();
+    NEXT.get_or_init(|| AtomicU64::new(now_ms() * 1000))
+        .fetch_add(1, Ordering::Relaxed)
 }
 
 impl Shared {
@@ -79,7 +89,7 @@ impl Shared {
 
     fn env(&self) -> Envelope {
         Envelope {
-            request_id: self.next_id.fetch_add(1, Ordering::Relaxed),
+            request_id: next_request_id(),
             timestamp_ms: now_ms(),
             key_id: self.key_id,
             merchant: self.merchant,
@@ -94,6 +104,18 @@ pub struct Client {
     notifications: Mutex<mpsc::Receiver<lm::Notify>>,
     unmatched: Mutex<mpsc::Receiver<Response>>,
     timeout: Duration,
+    /// The writer and reader tasks, ended on drop so that the connection closes with the
+    /// client (they hold each other's halves alive otherwise, and the switch would go on
+    /// delivering NOTIFYs to a connection nobody reads).
+    tasks: [tokio::task::JoinHandle<()>; 2],
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 impl Client {
@@ -112,10 +134,8 @@ impl Client {
             keys: KeyStore::new(single_key(&cfg.merchant, cfg.key_id, &cfg.secret)),
             key_id: cfg.key_id,
             merchant: MerchantNo::new(&cfg.merchant).unwrap_or_default(),
-            // Start from the clock so ids never repeat across client restarts (SPEC §8).
-            next_id: AtomicU64::new(now_ms() * 1000),
         });
-        tokio::spawn(async move {
+        let writer = tokio::spawn(async move {
             let mut sink = FramedWrite::new(wr, LenderCodec::new());
             while let Some(first) = out_rx.recv().await {
                 let mut next = Some(first);
@@ -134,7 +154,7 @@ impl Client {
         let (u_tx, u_rx) = mpsc::channel(1024);
         let sh = shared.clone();
         let auto_ack = cfg.auto_ack;
-        tokio::spawn(async move {
+        let reader = tokio::spawn(async move {
             let mut frames = FramedRead::new(rd, LenderCodec::new());
             while let Some(Ok(Ok(raw))) = frames.next().await {
                 let authenticated = sh.keys.verify_frame(&raw).is_ok();
@@ -194,6 +214,7 @@ impl Client {
             notifications: Mutex::new(n_rx),
             unmatched: Mutex::new(u_rx),
             timeout: cfg.timeout,
+            tasks: [writer, reader],
         })
     }
 

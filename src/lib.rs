@@ -18,6 +18,7 @@
 //! - [`journal`]: the durable, group-committed log of engine records, snapshots, recovery.
 //! - [`dst`]: deterministic simulation of the engine (VOPR): seeded world, faults,
 //!   crashes with journal recovery, money-safety invariants checked every step.
+//! - [`fuzz_entry`]: the fuzz targets' bodies, callable from stable tests.
 //! - [`recon`]: daily reconciliation of a channel's statement against sluice's own record.
 //! - [`admin`]: the operator's HTTP port and status page over a running switch (reads
 //!   engine, health, pools and journal; acts through the engine's operator calls).
@@ -31,6 +32,7 @@ pub mod config;
 pub mod crypto;
 pub mod dst;
 pub mod engine;
+pub mod fuzz_entry;
 pub mod health;
 pub mod import;
 pub mod journal;

@@ -7,12 +7,15 @@
 //!   books for N agreements;
 //! - `sim`: the prepared simulated channels, agreements preloaded;
 //! - `report`: one markdown table and one SVG plot from several JSON reports;
-//! - `mem`: resident memory and insert rate of N agreements in the engine's store.
+//! - `mem`: resident memory and insert rate of N agreements in the engine's store;
+//! - `chaos`: a fault scenario against a real `sluice run`, invariants checked against
+//!   the simulators' ledgers (`RELIABILITY.md`).
 //!
 //! Layout: `schedule` (open-loop send times) and `report` (histograms, tables, plots) are
 //! pure; `gen` drives connections through `sluice::client`; `data` makes the synthetic
 //! borrowers every other part agrees on.
 
+mod chaos;
 mod data;
 mod echo;
 mod gen;
@@ -167,6 +170,33 @@ enum Cmd {
         /// JSON reports.
         reports: Vec<PathBuf>,
     },
+    /// Inject a scenario's faults under checked load and check the invariants (no order
+    /// executed twice, acknowledged orders final as told, one notification per final
+    /// state, bounded memory, healthy sessions unharmed, service after the fault).
+    /// Exits non-zero on any violation.
+    Chaos {
+        /// The scenario (`all`: each in turn).
+        #[arg(value_enum)]
+        scenario: chaos::Scenario,
+        /// Seconds-long phases (CI) instead of the full minutes-long run.
+        #[arg(long)]
+        short: bool,
+        /// The sluice binary [default: `sluice` next to this program].
+        #[arg(long)]
+        sluice_bin: Option<PathBuf>,
+        /// Checked load, debits per second [default: 40 short, 200 full].
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Bound on the switch's resident memory, MiB.
+        #[arg(long, default_value_t = 512)]
+        rss_max_mib: u64,
+        /// Keep the run directory (kept anyway when a check fails).
+        #[arg(long)]
+        keep: bool,
+        /// Where run directories are made.
+        #[arg(long, default_value_os_t = std::env::temp_dir())]
+        work_dir: PathBuf,
+    },
     /// Resident memory and insert rate of N agreements in the engine's store.
     Mem {
         /// Agreements.
@@ -238,6 +268,36 @@ async fn async_main(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::EchoServer { listen } => echo::serve(listen).await,
         Cmd::Sim { dir } => simrun::run(&dir).await,
+        Cmd::Chaos {
+            scenario,
+            short,
+            sluice_bin,
+            rate,
+            rss_max_mib,
+            keep,
+            work_dir,
+        } => {
+            let sluice_bin = match sluice_bin {
+                Some(p) => p,
+                None => std::env::current_exe()?
+                    .parent()
+                    .context("directory of sluice-load")?
+                    .join("sluice"),
+            };
+            let opts = chaos::Options {
+                short,
+                sluice_bin,
+                rate,
+                rss_max_mib,
+                keep,
+                work_dir,
+            };
+            if !chaos::run(scenario, &opts).await? {
+                eprintln!("chaos: invariant violated");
+                std::process::exit(1);
+            }
+            Ok(())
+        }
         Cmd::Run {
             addr,
             target,

@@ -9,12 +9,31 @@ use std::sync::Arc;
 use anyhow::{Context, Result};
 use sluice::crypto::Identity;
 use sluice::message::CardType;
-use sluice::sim::{SimConfig, Simulator, SmsMode};
+use sluice::sim::{SimConfig, SimHandle, Simulator, SmsMode};
 
 use crate::prepare::Prepared;
 
 /// Start every channel of `dir` and serve until the process is stopped.
 pub async fn run(dir: &Path) -> Result<()> {
+    let handles = start(dir).await?;
+    for (id, sim, loaded) in &handles {
+        println!(
+            "channel {id} simulated on {} ({loaded} agreements preloaded, deterministic SMS)",
+            sim.addr(),
+        );
+    }
+    tokio::signal::ctrl_c().await.ok();
+    for (_, h, _) in handles {
+        h.shutdown().await;
+    }
+    Ok(())
+}
+
+/// Start every channel of `dir` (on the addresses in `prepare.json`) with the prepared
+/// agreements on its books; returns (channel id, handle, agreements preloaded), primary first. Used by
+/// `sim` and by the chaos runner, which keeps the handles to inject faults and read the
+/// ledgers.
+pub async fn start(dir: &Path) -> Result<Vec<(String, SimHandle, usize)>> {
     let p = Prepared::load(dir)?;
     let switch_pk = sluice::config::parse_public_key(&p.switch_public_key)
         .context("switch public key in prepare.json")?;
@@ -62,17 +81,7 @@ pub async fn run(dir: &Path) -> Result<()> {
                 t,
             )
         }));
-        println!(
-            "channel {} simulated on {} ({} agreements preloaded, deterministic SMS)",
-            c.id,
-            sim.addr(),
-            loaded
-        );
-        handles.push(sim);
+        handles.push((c.id.clone(), sim, loaded));
     }
-    tokio::signal::ctrl_c().await.ok();
-    for h in handles {
-        h.shutdown().await;
-    }
-    Ok(())
+    Ok(handles)
 }
