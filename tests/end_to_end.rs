@@ -721,3 +721,68 @@ async fn admin_port_imports_stock_agreements_and_serves_metrics() {
     .await
     .expect("bounded");
 }
+
+/// A NOTIFY_ACK's journal record is written off the session's reader: the lender's next
+/// request on the same connection is answered while that record still waits for the
+/// journal. (It used to be awaited inline: one journal round trip — an fsync — per ack
+/// held every later frame of the connection in the socket, seconds under load.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_ack_record_does_not_hold_the_lenders_next_request() {
+    use sluice::app::JournalSink;
+    use sluice::engine::Record;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    /// Journals everything at once, except ack records: those wait for the gate.
+    struct HoldAcks {
+        gate: Arc<tokio::sync::Semaphore>,
+        held: AtomicU64,
+    }
+    impl JournalSink for HoldAcks {
+        fn append(&self, rec: Record) -> futures::future::BoxFuture<'static, std::io::Result<()>> {
+            if matches!(rec, Record::NotifyAcked { .. }) {
+                self.held.fetch_add(1, Ordering::SeqCst);
+                let gate = self.gate.clone();
+                Box::pin(async move {
+                    let _p = gate.acquire().await;
+                    Ok(())
+                })
+            } else {
+                Box::pin(async { Ok(()) })
+            }
+        }
+    }
+    let sink = Arc::new(HoldAcks {
+        gate: Arc::new(tokio::sync::Semaphore::new(0)),
+        held: AtomicU64::new(0),
+    });
+    let bed = Bed::start_with(BedConfig {
+        sink: Some(sink.clone()),
+        ..BedConfig::default()
+    })
+    .await;
+    let c = bed.client().await; // acknowledges notifications itself
+    let agreement = bed.sign(&c, CARD, PHONE).await;
+    let r = c.call(debit("ACK-1", agreement, 100)).await.unwrap();
+    assert_eq!(status(&r), Status::Success, "{r:?}");
+    let t = std::time::Instant::now();
+    while sink.held.load(Ordering::SeqCst) == 0 {
+        assert!(
+            t.elapsed() < Duration::from_secs(10),
+            "no ack was journaled"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The ack's record is held; the next request must still be read and answered.
+    let q = tokio::time::timeout(
+        Duration::from_secs(5),
+        c.call(lm::OrderQueryReq {
+            order_id: lm::OrderId::new("ACK-1").unwrap(),
+        }),
+    )
+    .await
+    .expect("answered while the ack's record waits for the journal")
+    .unwrap();
+    assert_eq!(status(&q), Status::Success, "{q:?}");
+    sink.gate.add_permits(1_000);
+}

@@ -359,7 +359,16 @@ impl Session {
             }
             Message::NotifyAck(a) => {
                 let actions = sw.engine.notify_ack(&m, a.notify_id);
-                sw.execute(actions, None).await;
+                // The ack's record is journaled off the reader: nothing waits on it (an
+                // ack has no answer, and if a crash comes first the notification is only
+                // sent again under the same id). Awaiting it here held this lender's
+                // next frames in the socket for one journal round trip per ack.
+                if !actions.is_empty() {
+                    let sw = sw.clone();
+                    sw.tracker
+                        .clone()
+                        .spawn(async move { sw.execute(actions, None).await });
+                }
             }
             Message::OrderQueryReq(q) => {
                 let msg = sw.engine.order_query(m, q);

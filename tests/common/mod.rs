@@ -35,6 +35,8 @@ pub struct BedConfig {
     pub inflight_max: usize,
     /// Routing settings of each channel by name (default: open to everything).
     pub route: fn(&str) -> ChannelConfig,
+    /// The journal the switch writes to (default: `Bed::journal`, which keeps nothing).
+    pub sink: Option<Arc<dyn sluice::app::JournalSink>>,
 }
 
 impl Default for BedConfig {
@@ -51,6 +53,7 @@ impl Default for BedConfig {
             },
             inflight_max: 1024,
             route: ChannelConfig::open,
+            sink: None,
         }
     }
 }
@@ -100,7 +103,7 @@ impl Bed {
             },
             connections_max: 64,
             channel_deadline: cfg.deadline,
-            journal: sluice::run::JournalSetup::Memory(journal.clone()),
+            journal: sluice::run::JournalSetup::Memory(cfg.sink.unwrap_or_else(|| journal.clone())),
             admin: Some(("127.0.0.1:0".parse().unwrap(), ADMIN_TOKEN.into())),
         })
         .await
