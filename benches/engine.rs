@@ -1,5 +1,5 @@
 //! Engine hot path, each beside its naive alternative:
-//! - agreement lookup by id in the engine's `AgreementStore` (sharded `DashMap`) versus a
+//! - agreement lookup by id in the engine's `AgreementStore` (chunked arena) versus a
 //!   `Mutex<HashMap>` holding the same agreements, single-threaded and with two threads
 //!   reading at once;
 //! - the routing decision (`route_debit`, `route_card`) over a two-channel table;
