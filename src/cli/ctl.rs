@@ -459,14 +459,20 @@ fn channel_text(v: &Value) -> String {
             ]
         })
         .collect();
-    if !vols.is_empty() {
-        out.push('\n');
-        out.push_str(&table(
-            &["PRODUCT", "TODAY COUNT", "TODAY AMOUNT", "MONTH AMOUNT"],
-            &vols,
-        ));
-    }
+    push_table(
+        &mut out,
+        &["PRODUCT", "TODAY COUNT", "TODAY AMOUNT", "MONTH AMOUNT"],
+        &vols,
+    );
     out
+}
+
+/// Append a blank line and a table to `out`, unless there are no rows.
+fn push_table(out: &mut String, headers: &[&str], rows: &[Vec<String>]) {
+    if !rows.is_empty() {
+        out.push('\n');
+        out.push_str(&table(headers, rows));
+    }
 }
 
 fn order_text(v: &Value) -> String {
@@ -535,13 +541,11 @@ fn order_text(v: &Value) -> String {
                 ]
             }),
     );
-    if !route.is_empty() {
-        out.push('\n');
-        out.push_str(&table(
-            &["CHANNEL", "ROUTER", "SCORE x1000", "FEE (fen)"],
-            &route,
-        ));
-    }
+    push_table(
+        &mut out,
+        &["CHANNEL", "ROUTER", "SCORE x1000", "FEE (fen)"],
+        &route,
+    );
     out
 }
 

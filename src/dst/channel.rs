@@ -184,28 +184,11 @@ fn answer_of(
     res: &PayResult,
     finalize: &mut Option<OrderRef>,
 ) -> (ch::RspCode, ch::RspClass, ch::Serial, u64) {
-    match res {
-        PayResult::Duplicate => {
-            let (c, k) = Code::DUPLICATE_ORDER_REF.pair();
-            (c, k, Ascii::empty(), 0)
-        }
-        PayResult::NotProcessed(c) => {
-            let (c, k) = c.pair();
-            (c, k, Ascii::empty(), 0)
-        }
-        PayResult::Recorded(e) => {
-            if matches!(e.state, EntryState::Processing { .. }) {
-                *finalize = Some(e.order_ref);
-            }
-            let (c, k) = e.reported();
-            (
-                c.into(),
-                k,
-                Ascii::new(&e.serial).unwrap_or_default(),
-                e.finished_at_ms(),
-            )
-        }
+    let (answer, processing) = res.answer();
+    if processing.is_some() {
+        *finalize = processing;
     }
+    answer
 }
 
 fn query_answer(e: Option<&LedgerEntry>, order_ref: OrderRef) -> ch::Message {

@@ -124,6 +124,48 @@ pub enum PayResult {
     NotProcessed(Code),
 }
 
+impl PayResult {
+    /// The PAY/PAYOUT answer: (code, class, serial, finished_at_ms), and the order
+    /// reference still processing, whose result the channel notifies later.
+    pub fn answer(
+        &self,
+    ) -> (
+        (
+            crate::channel::message::RspCode,
+            crate::channel::message::RspClass,
+            crate::channel::message::Serial,
+            u64,
+        ),
+        Option<crate::channel::OrderRef>,
+    ) {
+        use crate::wire::field::Ascii;
+        match self {
+            PayResult::Duplicate => {
+                let (c, k) = Code::DUPLICATE_ORDER_REF.pair();
+                ((c, k, Ascii::empty(), 0), None)
+            }
+            PayResult::NotProcessed(c) => {
+                let (c, k) = c.pair();
+                ((c, k, Ascii::empty(), 0), None)
+            }
+            PayResult::Recorded(e) => {
+                let (c, k) = e.reported();
+                let processing = matches!(e.state, super::ledger::EntryState::Processing { .. })
+                    .then_some(e.order_ref);
+                (
+                    (
+                        c.into(),
+                        k,
+                        Ascii::new(&e.serial).unwrap_or_default(),
+                        e.finished_at_ms(),
+                    ),
+                    processing,
+                )
+            }
+        }
+    }
+}
+
 /// The simulated payment company's books.
 #[derive(Debug)]
 pub struct Bank {

@@ -883,28 +883,11 @@ fn handle(ctx: &ConnCtx, p: &Profile, rng: &mut Rng, msg: Message) -> Option<Mes
 /// (code, class, serial, finished_at_ms) of a PAY/PAYOUT answer; schedules the
 /// notification of an asynchronous order.
 fn pay_answer(ctx: &ConnCtx, p: &Profile, res: &PayResult) -> (RspCode, RspClass, Serial, u64) {
-    match res {
-        PayResult::Duplicate => {
-            let (c, k) = Code::DUPLICATE_ORDER_REF.pair();
-            (c, k, Ascii::empty(), 0)
-        }
-        PayResult::NotProcessed(c) => {
-            let (c, k) = c.pair();
-            (c, k, Ascii::empty(), 0)
-        }
-        PayResult::Recorded(e) => {
-            if matches!(e.state, EntryState::Processing { .. }) {
-                schedule_notify(ctx, p, e.order_ref);
-            }
-            let (c, k) = e.reported();
-            (
-                c.into(),
-                k,
-                Ascii::new(&e.serial).unwrap_or_default(),
-                e.finished_at_ms(),
-            )
-        }
+    let (answer, processing) = res.answer();
+    if let Some(order_ref) = processing {
+        schedule_notify(ctx, p, order_ref);
     }
+    answer
 }
 
 fn schedule_notify(ctx: &ConnCtx, p: &Profile, order_ref: OrderRef) {
