@@ -14,8 +14,8 @@
 #     10k, 50k, 100k requests/s;
 #  5. stock import rate (`sluice import --check`), agreement memory (`sluice-load mem`);
 #  6. criterion: benches/engine.rs;
-#  7. a profile of sluice under load (perf when it can count instructions, otherwise
-#     callgrind on a short run);
+#  7. a profile of sluice under load: perf (cycles where the VM has counters, cpu-clock
+#     samples otherwise — both include the kernel), callgrind when perf cannot record;
 #  8. writes the figures and the target ratios between the bench.sh markers of
 #     BENCHMARKS.md (the rest of the file is left alone).
 # Raw output: $OUT (default target/bench): JSON reports, .hlog, .svg, logs, profile.
@@ -106,7 +106,15 @@ elif ! command -v perf >/dev/null; then
         PROFILER=perf
     fi
 fi
-echo "profiler: $PROFILER"
+# Without instruction counters (VMs), perf can still sample the CPU clock, kernel
+# included (callgrind sees only user space).
+PERF_EVENT=cycles
+if [ "$PROFILER" = callgrind ] && command -v perf >/dev/null &&
+    perf record -e cpu-clock -o /dev/null -- true >/dev/null 2>&1; then
+    PROFILER=perf
+    PERF_EVENT=cpu-clock
+fi
+echo "profiler: $PROFILER ($PERF_EVENT)"
 
 section "prepare ($AGREEMENTS agreements, $MERCHANTS merchants)"
 D="$OUT/prep"
@@ -205,12 +213,13 @@ if [ "$PROFILER" = perf ]; then
     SLUICE_PID=$LAST
     wait_port $SLUICE_PORT
     sleep 1
-    perf record -o "$OUT/perf.data" -F 499 -g -p "$SLUICE_PID" -- sleep 8 &
+    perf record -e "$PERF_EVENT" -o "$OUT/perf.data" -F 499 -g -p "$SLUICE_PID" -- sleep 8 &
     PERF=$!
     load profile-load sluice "127.0.0.1:$SLUICE_PORT" closed || true
     wait "$PERF" || true
     stop "$SLUICE_PID"
     perf report -i "$OUT/perf.data" --stdio --no-children --percent-limit 1 >"$OUT/profile.txt" 2>/dev/null || true
+    perf report -i "$OUT/perf.data" --stdio --no-children --sort dso >"$OUT/profile-dso.txt" 2>/dev/null || true
 else
     # Callgrind slows the switch ~50x: a short, low-rate open-loop run of debits.
     start sluice-profile valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
