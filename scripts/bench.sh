@@ -26,7 +26,7 @@ for a in "$@"; do
     case "$a" in
     --long) LONG=1 ;;
     -h | --help)
-        sed -n '2,22p' "$0"
+        sed -n '2,21p' "$0"
         exit 0
         ;;
     *)
