@@ -381,11 +381,11 @@ impl Engine {
     /// are never dropped.
     pub fn evict_final_orders_before(&self, cutoff_ms: u64) -> usize {
         let mut refs = Vec::new();
-        let mut n = 0;
-        self.orders.retain(|_, o| {
+        let mut keys = Vec::new();
+        self.orders.retain(|k, o| {
             let drop = o.phase == Phase::Final && o.finished_at_ms < cutoff_ms;
             if drop {
-                n += 1;
+                keys.push(*k);
                 refs.extend(o.attempts.iter().map(|a| a.order_ref));
             }
             !drop
@@ -393,6 +393,10 @@ impl Engine {
         for r in refs {
             self.by_ref.remove(&r);
         }
-        n
+        // The router's decision goes with its order (it was kept for the order's detail).
+        for k in &keys {
+            self.decisions.remove(k);
+        }
+        keys.len()
     }
 }

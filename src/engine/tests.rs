@@ -456,3 +456,29 @@ fn repeated_sign_and_pay_tells_only_the_durable_state() {
         Some((Status::Failed, Reason::DUPLICATE_ORDER))
     );
 }
+
+#[test]
+fn evicting_a_final_order_forgets_its_routing_decision_too() {
+    let e = engine(&["A"]);
+    let a = signed(&e, &["A"]);
+    let acts = e.debit(m(), &debit("EV1", a, 100), 0);
+    let d = dispatch(&acts)[0].clone();
+    make_durable(&e, &acts);
+    let after = e.dispatch_result(&d.token, pay_answer(&d, Code::OK), 10);
+    make_durable(&e, &after);
+    let key = (m(), lm::OrderId::new("EV1").unwrap());
+    assert!(
+        e.route_decision(&key).is_some(),
+        "kept for the order's detail"
+    );
+    assert_eq!(
+        e.evict_final_orders_before(5),
+        0,
+        "finished after the cutoff"
+    );
+    assert!(e.route_decision(&key).is_some());
+    assert_eq!(e.evict_final_orders_before(11), 1);
+    assert!(e.order(&key).is_none());
+    // It used to stay behind for ever: memory grew with every order ever routed.
+    assert!(e.route_decision(&key).is_none());
+}
