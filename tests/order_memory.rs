@@ -1,0 +1,101 @@
+//! Resident memory per retained final order in the engine alone (no sessions, no I/O).
+//! Run: `cargo test --release --test order_memory -- --ignored --nocapture`.
+
+use sluice::channel::message::{self as ch, Code};
+use sluice::engine::agreement::{
+    Agreement, ChannelAgreement, ChannelAgreementState, CHANNELS_PER_AGREEMENT_MAX,
+};
+use sluice::engine::{Action, ChannelConfig, ChannelTable, DispatchResult, Engine, EngineConfig};
+use sluice::message::{self as lm, AgreementId, BankCode, CardType, ChannelId};
+use sluice::wire::field::Digits;
+use sluice::wire::header::MerchantNo;
+
+fn rss() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+        })
+        .unwrap_or(0)
+        * 1024
+}
+
+#[test]
+#[ignore]
+fn resident_bytes_per_final_order() {
+    let e = Engine::new(
+        EngineConfig::default(),
+        ChannelTable {
+            channels: vec![ChannelConfig::open("CHA"), ChannelConfig::open("CHB")],
+        },
+        &[9u8; 32],
+        1,
+    );
+    let merchant = MerchantNo::new("898100000000001").unwrap();
+    let mut a = Agreement {
+        id: e.new_agreement_id(),
+        merchant,
+        card_hash: [1; 16],
+        id_hash: [2; 16],
+        card_last4: Digits::new("0128").unwrap(),
+        bank: BankCode::new("ICBC").unwrap(),
+        card_type: CardType::Debit,
+        cancelled: false,
+        channels: [None; CHANNELS_PER_AGREEMENT_MAX],
+    };
+    a.add_channel(ChannelAgreement {
+        channel: ChannelId::new("CHA").unwrap(),
+        agreement_no: ch::AgreementNo::new("AGR-1").unwrap(),
+        state: ChannelAgreementState::Active,
+    });
+    let id: AgreementId = e.agreements().upsert(a);
+    let n = 300_000u64;
+    let before = rss();
+    for i in 0..n {
+        let req = lm::DebitReq {
+            order_id: lm::OrderId::new(&format!("MEM-{i:012}")).unwrap(),
+            agreement_id: id,
+            amount: lm::Fen(100),
+            currency: lm::Currency,
+            purpose: lm::Purpose::new("x").unwrap(),
+        };
+        let acts = e.debit(merchant, &req, i);
+        for act in &acts {
+            match act {
+                Action::Journal(r) => e.record_durable(r),
+                Action::Dispatch(d) => {
+                    let ch::Message::PayReq(p) = &d.msg else {
+                        panic!("{:?}", d.msg)
+                    };
+                    let (code, class) = Code::OK.pair();
+                    let rsp = ch::Message::PayRsp(ch::PayRsp {
+                        code,
+                        class,
+                        order_ref: p.order_ref,
+                        channel_serial: ch::Serial::new("S1").unwrap(),
+                        amount: p.amount.0,
+                        finished_at_ms: i,
+                    });
+                    for r in e.dispatch_result(&d.token, DispatchResult::Answer(rsp), i) {
+                        if let Action::Journal(r) = &r {
+                            e.record_durable(r);
+                        }
+                        if let Action::Notify(nt) = r {
+                            e.notify_ack(&merchant, nt.msg.notify_id);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let grown = rss().saturating_sub(before);
+    eprintln!(
+        "{n} final orders: RSS +{} MiB, {} bytes per order (engine only)",
+        grown >> 20,
+        grown / n
+    );
+    assert_eq!(e.order_count() as u64, n);
+}
