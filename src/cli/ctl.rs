@@ -292,12 +292,13 @@ pub fn table(header: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
+/// The elements of a JSON array; none for anything else.
+fn items(v: &Value) -> std::slice::Iter<'_, Value> {
+    v.as_array().map(|a| a.as_slice()).unwrap_or(&[]).iter()
+}
+
 fn channels_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-        .iter()
+    let rows: Vec<Vec<String>> = items(v)
         .map(|c| {
             vec![
                 s(&c["id"]),
@@ -344,11 +345,7 @@ fn channels_table(v: &Value) -> String {
 }
 
 fn funds_table(v: &Value) -> String {
-    let rows: Vec<Vec<String>> = v
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-        .iter()
+    let rows: Vec<Vec<String>> = items(v)
         .map(|f| {
             vec![
                 s(&f["channel"]),
@@ -445,11 +442,7 @@ fn channel_text(v: &Value) -> String {
         ]);
     }
     let mut out = table(&["FIELD", "VALUE"], &rows);
-    let vols: Vec<Vec<String>> = v["volumes"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-        .iter()
+    let vols: Vec<Vec<String>> = items(&v["volumes"])
         .map(|x| {
             vec![
                 s(&x["product"]),
@@ -491,11 +484,7 @@ fn order_text(v: &Value) -> String {
         yuan(&v["amount_fen"]),
         s(&v["queries"]),
     );
-    let attempts: Vec<Vec<String>> = v["attempts"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-        .iter()
+    let attempts: Vec<Vec<String>> = items(&v["attempts"])
         .enumerate()
         .map(|(i, a)| {
             vec![
@@ -512,11 +501,7 @@ fn order_text(v: &Value) -> String {
         &["ATTEMPT", "CHANNEL", "ORDER REF", "SENT AT (ms)", "OUTCOME"],
         &attempts,
     ));
-    let mut route: Vec<Vec<String>> = v["candidates"]
-        .as_array()
-        .map(|a| a.as_slice())
-        .unwrap_or(&[])
-        .iter()
+    let mut route: Vec<Vec<String>> = items(&v["candidates"])
         .map(|c| {
             vec![
                 s(&c["channel"]),
@@ -526,21 +511,14 @@ fn order_text(v: &Value) -> String {
             ]
         })
         .collect();
-    route.extend(
-        v["excluded"]
-            .as_array()
-            .map(|a| a.as_slice())
-            .unwrap_or(&[])
-            .iter()
-            .map(|c| {
-                vec![
-                    s(&c["channel"]),
-                    format!("excluded: {}", s(&c["reason"])),
-                    "-".into(),
-                    "-".into(),
-                ]
-            }),
-    );
+    route.extend(items(&v["excluded"]).map(|c| {
+        vec![
+            s(&c["channel"]),
+            format!("excluded: {}", s(&c["reason"])),
+            "-".into(),
+            "-".into(),
+        ]
+    }));
     push_table(
         &mut out,
         &["CHANNEL", "ROUTER", "SCORE x1000", "FEE (fen)"],
