@@ -284,6 +284,11 @@ async fn async_main(cmd: Cmd) -> Result<()> {
                     .context("directory of sluice-load")?
                     .join("sluice"),
             };
+            // The switch runs with its bed directory as working directory, so a relative
+            // path given here (the CI script passes `target/debug/sluice`) must be resolved
+            // against ours first.
+            let sluice_bin = std::fs::canonicalize(&sluice_bin)
+                .with_context(|| format!("sluice binary {}", sluice_bin.display()))?;
             let opts = chaos::Options {
                 short,
                 sluice_bin,
