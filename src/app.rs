@@ -238,6 +238,26 @@ impl Switch {
                 }
             }
         });
+        // Final orders past their detail window move to their compact form, on a
+        // blocking thread: a second's worth of orders at saturation is tens of ms of work,
+        // which must not sit on a session worker.
+        let sw = self.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(1));
+            loop {
+                tokio::select! {
+                    _ = sw.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                let engine = sw.engine.clone();
+                let moved = tokio::task::spawn_blocking(move || engine.settle_due(now_ms())).await;
+                if let Ok(n) = moved {
+                    if n > 0 {
+                        tracing::trace!(orders = n, "final orders settled");
+                    }
+                }
+            }
+        });
         let sw = self.clone();
         self.tracker.spawn(async move {
             loop {

@@ -127,6 +127,8 @@ pub struct EngineSection {
     pub notify_retry_ms: u64,
     /// Notification re-send cap, ms.
     pub notify_retry_max_ms: u64,
+    /// Full detail of a final order kept this long, ms; then its compact form.
+    pub order_detail_ms: u64,
 }
 
 impl Default for EngineSection {
@@ -140,6 +142,7 @@ impl Default for EngineSection {
             bind_ttl_ms: e.bind_ttl_ms,
             notify_retry_ms: e.notify_retry_ms,
             notify_retry_max_ms: e.notify_retry_max_ms,
+            order_detail_ms: e.settle_after_ms,
         }
     }
 }
@@ -552,6 +555,13 @@ impl Config {
                 "must be at least engine.channel_deadline_ms (a request may still be in transit)",
             ));
         }
+        if !(1_000..=86_400_000).contains(&e.order_detail_ms) {
+            return Err(invalid(
+                "engine.order_detail_ms",
+                e.order_detail_ms,
+                "must be 1000..=86400000 (one second to one day)",
+            ));
+        }
         self.journal_config()?;
         if self.channels.is_empty() {
             return Err(invalid(
@@ -817,6 +827,7 @@ impl Config {
             bind_ttl_ms: e.bind_ttl_ms,
             notify_retry_ms: e.notify_retry_ms,
             notify_retry_max_ms: e.notify_retry_max_ms,
+            settle_after_ms: e.order_detail_ms,
             ref_prefix,
             routing: self.routing_policy(),
             health: self.health_config(),

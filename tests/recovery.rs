@@ -63,7 +63,10 @@ impl Rig {
         let mut replies = Vec::new();
         for a in actions {
             match a {
-                Action::Journal(r) => self.journal.append_blocking(&r).unwrap(),
+                Action::Journal(r) => {
+                    self.journal.append_blocking(&r).unwrap();
+                    self.engine.record_durable(&r);
+                }
                 Action::Dispatch(x) => d.push(x),
                 Action::Reply(m) => replies.push(m),
                 _ => {}
@@ -381,6 +384,72 @@ fn snapshot_plus_tail_restores_everything_and_replays_only_the_tail() {
         status_of(&replies[0]),
         (Status::Success, Reason::DUPLICATE_ORDER)
     );
+}
+
+#[test]
+fn settled_orders_keep_idempotency_through_snapshot_and_restart() {
+    // Final orders past the detail window are held compactly; a snapshot writes them, a
+    // restart brings them back compactly, and every one still answers as a duplicate.
+    let dir = tempfile::tempdir().unwrap();
+    let (rig, _) = open(dir.path(), "S1", T0);
+    for id in 1..=10 {
+        rig.add_agreement(id);
+    }
+    for i in 0..40 {
+        let (d, _) = rig.debit(&format!("C-{i}"), 1 + i % 10, T0);
+        let code = if i % 2 == 0 {
+            Code::OK
+        } else {
+            Code::INSUFFICIENT_FUNDS
+        };
+        rig.answer(&d[0], code, T0 + 1);
+    }
+    let detail = EngineConfig::default().settle_after_ms;
+    assert_eq!(
+        rig.engine.settle_due(T0 + detail),
+        0,
+        "still in its detail window"
+    );
+    assert_eq!(rig.engine.settle_due(T0 + detail + 2), 40);
+    let info = rig.journal.snapshot(&rig.engine, T0 + detail + 3).unwrap();
+    assert_eq!(info.orders, 40, "settled orders are in the snapshot");
+    // A tail after the snapshot: recent, so live after the restart.
+    for i in 0..5 {
+        let (d, _) = rig.debit(&format!("T-{i}"), 1 + i, T0 + detail + 4);
+        rig.answer(&d[0], Code::OK, T0 + detail + 5);
+    }
+    let recon_before =
+        sluice::recon::OwnRecord::from_engine(&rig.engine, &ChannelId::new("CHA").unwrap());
+    drop(rig);
+
+    let (rig, _) = open(dir.path(), "S2", T0 + detail + 10);
+    assert_eq!(rig.engine.order_count(), 45);
+    assert_eq!(
+        rig.engine.settled_count(),
+        40,
+        "restored straight into the compact form"
+    );
+    for i in 0..40 {
+        let (d, replies) = rig.debit(&format!("C-{i}"), 1 + i % 10, T0 + detail + 11);
+        assert!(d.is_empty(), "C-{i} sent again");
+        let want = if i % 2 == 0 {
+            Status::Success
+        } else {
+            Status::Failed
+        };
+        assert_eq!(status_of(&replies[0]), (want, Reason::DUPLICATE_ORDER));
+    }
+    // Reconciliation sees the same attempts before and after.
+    let recon_after =
+        sluice::recon::OwnRecord::from_engine(&rig.engine, &ChannelId::new("CHA").unwrap());
+    assert_eq!(recon_after.entries.len(), 45);
+    for (r, e) in &recon_before.entries {
+        let a = &recon_after.entries[r];
+        assert_eq!(
+            (&a.order_id, a.amount_fen, a.status, a.finished_at_ms),
+            (&e.order_id, e.amount_fen, e.status, e.finished_at_ms)
+        );
+    }
 }
 
 #[test]

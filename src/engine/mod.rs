@@ -25,11 +25,13 @@ pub mod order;
 pub mod record;
 mod replay;
 pub mod route;
+pub mod settled;
 #[cfg(test)]
 mod tests;
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use arc_swap::ArcSwap;
 use dashmap::mapref::entry::Entry;
@@ -53,11 +55,16 @@ use order::{AttemptResult, Order, OrderKey, OrderKind, Phase, Step};
 pub use record::Record;
 pub(crate) use replay::Resumed;
 pub use route::{ChannelConfig, ChannelTable, Product, RoutingPolicy};
+use settled::{Facts, Settled};
 
 use crate::health::{Health, HealthConfig, Observation, Override, RoutingMetrics};
 use limits_book::LimitsBook;
 use order::AttemptOutcome;
 use route::{ChannelState, Decision, LocalTime};
+
+/// Default of [`EngineConfig::settle_after_ms`]: ten minutes of full detail (the admin
+/// view's attempts and router reasons) after an order is final.
+pub const SETTLE_AFTER_MS_DEFAULT: u64 = 600_000;
 
 /// Engine settings (times in milliseconds).
 #[derive(Debug, Clone)]
@@ -85,6 +92,10 @@ pub struct EngineConfig {
     pub routing: RoutingPolicy,
     /// Health windows and breaker thresholds.
     pub health: HealthConfig,
+    /// A final, durable order keeps its full detail (statement text, router decision,
+    /// reference index) this long after it finished; then only its compact
+    /// [`settled::Settled`] form is kept for the rest of the idempotency retention.
+    pub settle_after_ms: u64,
 }
 
 impl Default for EngineConfig {
@@ -100,6 +111,7 @@ impl Default for EngineConfig {
             ref_prefix: "S".into(),
             routing: RoutingPolicy::default(),
             health: HealthConfig::default(),
+            settle_after_ms: SETTLE_AFTER_MS_DEFAULT,
         }
     }
 }
@@ -278,6 +290,11 @@ pub struct Engine {
     hasher: PiiHasher,
     agreements: AgreementStore,
     orders: DashMap<OrderKey, Order>,
+    /// Final orders past their detail window (see [`settled`]); read after `orders`.
+    settled: DashMap<OrderKey, Settled>,
+    /// Final, durable orders in the order they became so, waiting to be settled:
+    /// (finished at, key).
+    to_settle: Mutex<VecDeque<(u64, OrderKey)>>,
     by_ref: agreement::FxDashMap<OrderRef, OrderKey>,
     payout_cards: DashMap<OrderKey, PayoutCard>,
     binds: agreement::FxDashMap<u64, PendingBind>,
@@ -352,6 +369,8 @@ impl Engine {
             hasher: PiiHasher::new(pii_secret),
             agreements,
             orders: DashMap::new(),
+            settled: DashMap::new(),
+            to_settle: Mutex::new(VecDeque::new()),
             by_ref: DashMap::default(),
             payout_cards: DashMap::new(),
             binds: DashMap::default(),
@@ -615,14 +634,32 @@ impl Engine {
         self.agreements.next_id()
     }
 
-    /// Number of orders held.
+    /// Number of orders held (live and settled).
     pub fn order_count(&self) -> usize {
-        self.orders.len()
+        self.orders.len() + self.settled.len()
     }
 
-    /// A copy of an order (admin, tests).
+    /// Number of orders held in the compact settled form.
+    pub fn settled_count(&self) -> usize {
+        self.settled.len()
+    }
+
+    /// A copy of an order (admin, tests); a settled order without its statement text.
     pub fn order(&self, key: &OrderKey) -> Option<Order> {
-        self.orders.get(key).map(|o| o.clone())
+        if let Some(o) = self.orders.get(key) {
+            return Some(o.clone());
+        }
+        self.settled.get(key).map(|s| s.to_order(*key))
+    }
+
+    /// What a repeat or a query may see of an order: the live map first, then the
+    /// settled one (an order moving between them is in one or both, never neither; see
+    /// [`Engine::settle_final_orders_before`]).
+    fn facts(&self, key: &OrderKey) -> Option<Facts> {
+        if let Some(o) = self.orders.get(key) {
+            return Some(Facts::of_order(&o));
+        }
+        self.settled.get(key).map(|s| Facts::of_settled(&s))
     }
 
     // ----- orders -------------------------------------------------------------------
@@ -758,7 +795,7 @@ impl Engine {
 
     /// The answer to a repeated order request, or `None` when the order id is new.
     fn duplicate(&self, key: &OrderKey, kind: &OrderKind, amount: u64) -> Option<Actions> {
-        let o = self.orders.get(key)?;
+        let o = self.facts(key)?;
         let msg = if o.same_content(kind, amount) {
             // Only a durable state may be told (rule 3); before the acceptance is durable
             // the repeat is answered BUSY: nothing done by it, retry with the same id.
@@ -769,9 +806,13 @@ impl Engine {
                 }
                 None => reply_outcome(Status::Busy, Reason::OVERLOADED),
             };
-            order_reply(&o, out)
+            facts_reply(key, &o, out)
         } else {
-            order_reply(&o, reply_outcome(Status::Rejected, Reason::ORDER_CONFLICT))
+            facts_reply(
+                key,
+                &o,
+                reply_outcome(Status::Rejected, Reason::ORDER_CONFLICT),
+            )
         };
         Some(vec![Action::Reply(msg)])
     }
@@ -801,8 +842,13 @@ impl Engine {
         //
         // Concurrency note: the entry guard holds the shard's write lock, so the
         // duplicate answer (which reads the same shard) is built only after it is dropped.
+        //
+        // A vacant live entry is checked against the settled orders while its shard lock
+        // is held: settling inserts there before it removes here, so an order settled
+        // meanwhile is found (lock order: `orders`, then `settled`, never the reverse).
         let inserted = match self.orders.entry(key) {
             Entry::Occupied(_) => false,
+            Entry::Vacant(_) if self.settled.contains_key(&key) => false,
             Entry::Vacant(v) => {
                 v.insert(order);
                 true
@@ -1055,7 +1101,7 @@ impl Engine {
 
     /// ORDER_QUERY_REQ (read only).
     pub fn order_query(&self, merchant: MerchantNo, req: &lm::OrderQueryReq) -> lm::Message {
-        match self.orders.get(&(merchant, req.order_id)) {
+        match self.facts(&(merchant, req.order_id)) {
             Some(o) => lm::OrderQueryRsp {
                 // The durable state only (rule 3); BUSY while the acceptance is not.
                 result: o
@@ -1064,8 +1110,8 @@ impl Engine {
                 order_id: req.order_id.0,
                 order_type: order_type(&o.kind) as u8,
                 amount: o.amount,
-                channel: o.channel(),
-                attempts: o.attempts.len() as u8,
+                channel: o.channel,
+                attempts: o.attempts,
                 accepted_at_ms: o.accepted_at_ms,
                 finished_at_ms: o.finished_at_ms,
             }
@@ -1263,7 +1309,15 @@ impl Engine {
             match outcome {
                 // A final durable state is never replaced by an earlier one.
                 Some(out) if !o.durable.is_some_and(|d| d.status.is_final()) => {
-                    o.durable = Some(out)
+                    o.durable = Some(out);
+                    if out.status.is_final() {
+                        let at = o.finished_at_ms;
+                        drop(o);
+                        self.to_settle
+                            .lock()
+                            .unwrap_or_else(|p| p.into_inner())
+                            .push_back((at, *key));
+                    }
                 }
                 None if o.durable.is_none() => {
                     o.durable = Some(reply_outcome(Status::Pending, Reason::OK))
@@ -1359,7 +1413,7 @@ impl Engine {
         req: &lm::SignAndPayReq,
         now_ms: u64,
     ) -> Actions {
-        if let Some(o) = self.orders.get(&(merchant, req.order_id)) {
+        if let Some(o) = self.facts(&(merchant, req.order_id)) {
             // The durable state only (rule 3), as for a repeated DEBIT_REQ: BUSY until the
             // acceptance is durable.
             let out = match o.durable {
@@ -1928,17 +1982,30 @@ fn order_type(kind: &OrderKind) -> OrderType {
 
 /// The response to a DEBIT_REQ or PAYOUT_REQ for an order.
 fn order_reply(o: &Order, result: Outcome) -> lm::Message {
-    match o.kind {
+    kind_reply(&o.kind, &o.key, o.channel(), result)
+}
+
+fn facts_reply(key: &OrderKey, o: &Facts, result: Outcome) -> lm::Message {
+    kind_reply(&o.kind, key, o.channel, result)
+}
+
+fn kind_reply(
+    kind: &OrderKind,
+    key: &OrderKey,
+    channel: ChannelId,
+    result: Outcome,
+) -> lm::Message {
+    match kind {
         OrderKind::Debit { .. } => lm::DebitRsp {
             result,
-            order_id: o.key.1 .0,
-            channel: o.channel(),
+            order_id: key.1 .0,
+            channel,
         }
         .into(),
         OrderKind::Payout { .. } => lm::PayoutRsp {
             result,
-            order_id: o.key.1 .0,
-            channel: o.channel(),
+            order_id: key.1 .0,
+            channel,
         }
         .into(),
     }

@@ -16,6 +16,7 @@ use std::sync::atomic::Ordering;
 
 use super::agreement::Agreement;
 use super::order::{AttemptOutcome, Order, OrderKey, Phase};
+use super::settled::Settled;
 use super::{Engine, Outgoing, Record};
 use crate::channel::message::{OrderRef, RspCode};
 use crate::message::{self as lm, NotifyKind, Outcome, Reason, Status};
@@ -82,12 +83,24 @@ impl Engine {
         self.agreements.insert_exact(a);
     }
 
-    /// Put back a whole order from a snapshot.
-    pub(crate) fn restore_order(&self, o: Order) {
+    /// Put back a whole order from a snapshot. A final order that finished before the
+    /// detail window at `now_ms` goes straight to its settled form (a restart with days
+    /// of retained orders never holds them all in full).
+    pub(crate) fn restore_order(&self, o: Order, now_ms: u64) {
         for a in &o.attempts {
             self.note_ref(&a.order_ref);
+        }
+        if o.phase == Phase::Final
+            && o.finished_at_ms < now_ms.saturating_sub(self.cfg.settle_after_ms)
+        {
+            self.orders.remove(&o.key);
+            self.settled.insert(o.key, Settled::of(&o));
+            return;
+        }
+        for a in &o.attempts {
             self.by_ref.insert(a.order_ref, o.key);
         }
+        self.settled.remove(&o.key);
         self.orders.insert(o.key, o);
     }
 
@@ -121,8 +134,14 @@ impl Engine {
     ) -> u64 {
         let seq = self.seq_now();
         self.agreements.for_each(&mut agreement);
+        // Live orders first, then settled ones: an order settled during the visit is
+        // inserted there before it leaves the live map, so it is seen at least once (twice
+        // is harmless: restoring is idempotent).
         for o in self.orders.iter() {
             order(o.value());
+        }
+        for s in self.settled.iter() {
+            order(&s.value().to_order(*s.key()));
         }
         for n in self.outbox.iter() {
             notification(&n.merchant, &n.msg);
@@ -141,9 +160,12 @@ impl Engine {
                 purpose,
                 at_ms,
             } => {
-                self.orders
-                    .entry(key)
-                    .or_insert_with(|| Order::new(key, kind, amount, purpose, Vec::new(), at_ms));
+                // A settled order is final: its acceptance replayed again changes nothing.
+                if !self.settled.contains_key(&key) {
+                    self.orders.entry(key).or_insert_with(|| {
+                        Order::new(key, kind, amount, purpose, Vec::new(), at_ms)
+                    });
+                }
             }
             Record::AttemptStarted {
                 key,
@@ -369,11 +391,75 @@ impl Engine {
         }
         out.evicted = self.evict_final_orders_before(cutoff_ms);
         // Everything recovered came from the journal (the FAILED states above are journaled
-        // by the caller before the switch serves anyone).
+        // by the caller before the switch serves anyone). Final orders queue for settling,
+        // oldest first.
+        let mut finals = Vec::new();
         for mut o in self.orders.iter_mut() {
             o.durable = Some(o.outcome);
+            if o.phase == Phase::Final {
+                finals.push((o.finished_at_ms, o.key));
+            }
         }
+        finals.sort_unstable_by(|a, b| {
+            (a.0, a.1 .0.as_str(), a.1 .1.as_str()).cmp(&(b.0, b.1 .0.as_str(), b.1 .1.as_str()))
+        });
+        let mut q = self.to_settle.lock().unwrap_or_else(|p| p.into_inner());
+        q.clear();
+        q.extend(finals);
+        drop(q);
         out
+    }
+
+    /// Settle the orders whose detail window ended by `now_ms` (see
+    /// [`Engine::settle_final_orders_before`]).
+    pub fn settle_due(&self, now_ms: u64) -> usize {
+        self.settle_final_orders_before(now_ms.saturating_sub(self.cfg.settle_after_ms))
+    }
+
+    /// Move final, durable orders that finished before `cutoff_ms` to their compact
+    /// settled form (see [`super::settled`]), dropping what only a live order needs: the
+    /// reference index entries, the router's decision, the payout card. Returns how many
+    /// moved. The shell calls it every few seconds with `now - settle_after_ms`.
+    ///
+    /// Concurrency: each order is inserted into the settled map *before* it is removed
+    /// from the live one, and every reader looks at the live map first, so an order is
+    /// never absent from both; acceptance checks the settled map while it holds the live
+    /// entry's lock (see `accept_order`). A final order never changes, so the copy taken
+    /// here stays exact.
+    pub fn settle_final_orders_before(&self, cutoff_ms: u64) -> usize {
+        const BATCH: usize = 4096;
+        let mut moved = 0;
+        loop {
+            let keys: Vec<OrderKey> = {
+                let mut q = self.to_settle.lock().unwrap_or_else(|p| p.into_inner());
+                let n = q.iter().take(BATCH).take_while(|e| e.0 < cutoff_ms).count();
+                q.drain(..n).map(|e| e.1).collect()
+            };
+            if keys.is_empty() {
+                return moved;
+            }
+            for key in keys {
+                let settled = match self.orders.get(&key) {
+                    Some(o)
+                        if o.phase == Phase::Final
+                            && o.durable.is_some_and(|d| d.status.is_final()) =>
+                    {
+                        Settled::of(&o)
+                    }
+                    // Already settled or evicted, or not what the queue said.
+                    _ => continue,
+                };
+                let refs: Vec<_> = settled.attempts.iter().map(|a| a.order_ref).collect();
+                self.settled.insert(key, settled);
+                self.orders.remove_if(&key, |_, o| o.phase == Phase::Final);
+                for r in refs {
+                    self.by_ref.remove(&r);
+                }
+                self.decisions.remove(&key);
+                self.payout_cards.remove(&key);
+                moved += 1;
+            }
+        }
     }
 
     /// Forget final orders that finished before `cutoff_ms` (the idempotency retention):
@@ -397,6 +483,12 @@ impl Engine {
         for k in &keys {
             self.decisions.remove(k);
         }
-        keys.len()
+        let mut settled = 0;
+        self.settled.retain(|_, s| {
+            let keep = s.finished_at_ms >= cutoff_ms;
+            settled += usize::from(!keep);
+            keep
+        });
+        keys.len() + settled
     }
 }

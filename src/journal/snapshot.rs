@@ -418,7 +418,7 @@ fn load_block(
             KIND_ORDERS => {
                 let o = codec::decode_order(&mut d).map_err(|e| e.to_string())?;
                 if !(o.phase == Phase::Final && o.finished_at_ms < cutoff_ms) {
-                    engine.restore_order(o);
+                    engine.restore_order(o, now_ms);
                     n.orders += 1;
                 }
             }
