@@ -31,6 +31,7 @@ fn sweep_keeps_every_money_safety_invariant() {
         tot.signed += s.signed;
         tot.revoked += s.revoked;
         tot.snapshots += s.snapshots;
+        tot.settled += s.settled;
     }
     // The sweep is only worth something if the faults it claims really happened.
     println!("{tot:#?}");
@@ -39,6 +40,10 @@ fn sweep_keeps_every_money_safety_invariant() {
         "{tot:?}"
     );
     assert!(tot.crashes > 100, "switch crashes: {tot:?}");
+    assert!(
+        tot.settled > 1_000,
+        "orders settled to the compact form: {tot:?}"
+    );
     assert!(tot.torn_tails > 50, "torn journal tails: {tot:?}");
     assert!(
         tot.crash_extra_records > 10,

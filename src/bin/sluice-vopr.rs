@@ -85,6 +85,7 @@ fn main() -> ExitCode {
                 tot.crash_extra_records += s.crash_extra_records;
                 tot.torn_tails += s.torn_tails;
                 tot.snapshots += s.snapshots;
+                tot.settled += s.settled;
                 tot.lost += s.lost;
                 tot.signed += s.signed;
                 tot.revoked += s.revoked;
@@ -127,11 +128,12 @@ fn main() -> ExitCode {
         tot.revoked
     );
     println!(
-        "  crashes {} (non-durable records surviving {}, torn tails {}) snapshots {} lost msgs {} not-sent {} unknown {}",
+        "  crashes {} (non-durable records surviving {}, torn tails {}) snapshots {} settled {} lost msgs {} not-sent {} unknown {}",
         tot.crashes,
         tot.crash_extra_records,
         tot.torn_tails,
         tot.snapshots,
+        tot.settled,
         tot.lost,
         tot.not_sent,
         tot.unknown

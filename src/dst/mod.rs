@@ -99,6 +99,8 @@ pub struct Summary {
     pub torn_tails: u64,
     /// Snapshots published (recovery then loads the newest and replays the tail).
     pub snapshots: u64,
+    /// Final orders moved to their compact settled form.
+    pub settled: u64,
     /// Messages dropped by the network.
     pub lost: u64,
     /// Agreements signed through pre-bind + confirm.

@@ -162,6 +162,11 @@ struct Faults {
     restart_max_ms: u64,
     tick_mean_ms: u64,
     snapshot_every_ms: Option<u64>,
+    /// The engine's detail window: final orders older than this are settled (compact)
+    /// at every notification tick. Drawn from its own stream of the seed, so the rest of
+    /// a seed's run is what it was before settling existed, and the lender must see no
+    /// difference.
+    settle_after_ms: u64,
 }
 
 struct World {
@@ -256,10 +261,11 @@ fn card_number(n: u64) -> String {
     format!("{body}{}", (10 - sum % 10) % 10)
 }
 
-fn engine_config(inc: u32) -> EngineConfig {
+fn engine_config(inc: u32, settle_after_ms: u64) -> EngineConfig {
     EngineConfig {
         // Unique per start, as `main.rs` derives it from the start time.
         ref_prefix: format!("R{inc}"),
+        settle_after_ms,
         ..EngineConfig::default()
     }
 }
@@ -289,6 +295,13 @@ impl World {
             restart_max_ms: pick(&mut rng, &[100, 3_000, 40_000]),
             tick_mean_ms: pick(&mut rng, &[100, 300, 800]),
             snapshot_every_ms: rng.chance(0.5).then(|| pick(&mut rng, &[2_000, 7_000])),
+            settle_after_ms: {
+                let mut own = Rng::new(seed ^ 0x5e77_1ed0_5e77_1ed0);
+                pick(
+                    &mut own,
+                    &[0, 500, 3_000, crate::engine::SETTLE_AFTER_MS_DEFAULT],
+                )
+            },
         };
         let nch = 2 + rng.below(2) as usize;
         let mut chans = Vec::new();
@@ -421,7 +434,7 @@ impl World {
 
     fn setup(&mut self) {
         let e = Engine::new(
-            engine_config(self.inc),
+            engine_config(self.inc, self.f.settle_after_ms),
             self.table(),
             &PII_SECRET,
             self.now * 1000,
@@ -813,6 +826,7 @@ impl World {
                 let Some(e) = &self.engine else {
                     return Ok(());
                 };
+                self.sum.settled += e.settle_due(self.now) as u64;
                 let mut due = e.notifications_due(self.now, usize::MAX);
                 due.sort_by_key(|n| n.msg.notify_id);
                 for n in due {
@@ -1494,7 +1508,7 @@ impl World {
     /// it failed (durably, before serving), then query the PENDING ones.
     fn restart(&mut self) -> Result<(), Violation> {
         let e = Engine::new(
-            engine_config(self.inc),
+            engine_config(self.inc, self.f.settle_after_ms),
             self.table(),
             &PII_SECRET,
             self.now * 1000,
