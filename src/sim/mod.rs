@@ -559,6 +559,12 @@ async fn serve(shared: Arc<Shared>, stream: TcpStream) {
             cancel: cancel.clone(),
         },
     );
+    // Going down stores the profile, then drops the registered connections; one that
+    // logged on meanwhile (accepted before the change, registered after the drop) would
+    // live on. Registered first, then checked: one of the two sees the other.
+    if shared.profile.load().down {
+        cancel.cancel();
+    }
     let SessionKeys { send, recv } = keys;
     let hb = Duration::from_secs(profile.heartbeat_s.max(1) as u64);
     let writer = shared.tracker.spawn(write_loop(
