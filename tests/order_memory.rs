@@ -1,5 +1,7 @@
 //! Resident memory per retained final order in the engine alone (no sessions, no I/O).
-//! Run: `cargo test --release --test order_memory -- --ignored --nocapture`.
+//! Run: `cargo test --release --test order_memory -- --ignored --nocapture --exact NAME`, one
+//! test per process (memory freed by one is reused by the next); `SLUICE_ORDERS=N` sets
+//! the number of orders (default 300000).
 
 use sluice::channel::message::{self as ch, Code};
 use sluice::engine::agreement::{
@@ -25,6 +27,18 @@ fn rss() -> u64 {
 #[test]
 #[ignore]
 fn resident_bytes_per_final_order() {
+    bytes_per_final_order(false);
+}
+
+/// The same orders, settled to their compact form as they go (the live set stays at
+/// about 10k orders, as with a short detail window).
+#[test]
+#[ignore]
+fn resident_bytes_per_settled_order() {
+    bytes_per_final_order(true);
+}
+
+fn bytes_per_final_order(settle: bool) {
     let e = Engine::new(
         EngineConfig::default(),
         ChannelTable {
@@ -51,7 +65,10 @@ fn resident_bytes_per_final_order() {
         state: ChannelAgreementState::Active,
     });
     let id: AgreementId = e.agreements().upsert(a);
-    let n = 300_000u64;
+    let n: u64 = std::env::var("SLUICE_ORDERS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(300_000);
     let before = rss();
     for i in 0..n {
         let req = lm::DebitReq {
@@ -90,12 +107,19 @@ fn resident_bytes_per_final_order() {
                 _ => {}
             }
         }
+        if settle && i % 10_000 == 9_999 {
+            e.settle_final_orders_before(i.saturating_sub(10_000));
+        }
     }
     let grown = rss().saturating_sub(before);
     eprintln!(
-        "{n} final orders: RSS +{} MiB, {} bytes per order (engine only)",
+        "{n} final orders ({}): RSS +{} MiB, {} bytes per order (engine only)",
+        if settle { "settled as they go" } else { "live" },
         grown >> 20,
         grown / n
     );
     assert_eq!(e.order_count() as u64, n);
+    if settle {
+        assert!(e.settled_count() as u64 >= n - 20_000);
+    }
 }

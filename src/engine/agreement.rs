@@ -242,20 +242,20 @@ struct Chunk {
 /// Small append-only table of codes (merchants, banks, channels) so a record stores a
 /// `u32` instead of the code. Codes are few (configured merchants and channels, bank
 /// codes); the table never shrinks.
-struct Interner<T> {
+pub(super) struct Interner<T> {
     ids: FxDashMap<T, u32>,
     list: boxcar::Vec<T>,
 }
 
 impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Interner {
             ids: FxDashMap::default(),
             list: boxcar::Vec::new(),
         }
     }
 
-    fn intern(&self, v: T) -> u32 {
+    pub(super) fn intern(&self, v: T) -> u32 {
         if let Some(i) = self.ids.get(&v) {
             return *i;
         }
@@ -265,11 +265,11 @@ impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
             .or_insert_with(|| u32::try_from(self.list.push(v)).expect("fewer than 2^32 codes"))
     }
 
-    fn lookup(&self, v: &T) -> Option<u32> {
+    pub(super) fn lookup(&self, v: &T) -> Option<u32> {
         self.ids.get(v).map(|i| *i)
     }
 
-    fn get(&self, i: u32) -> T {
+    pub(super) fn get(&self, i: u32) -> T {
         // Indexes only come from `intern` of this table.
         self.list[i as usize]
     }

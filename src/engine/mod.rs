@@ -55,7 +55,7 @@ use order::{AttemptResult, Order, OrderKey, OrderKind, Phase, Step};
 pub use record::Record;
 pub(crate) use replay::Resumed;
 pub use route::{ChannelConfig, ChannelTable, Product, RoutingPolicy};
-use settled::{Facts, Settled};
+use settled::Facts;
 
 use crate::health::{Health, HealthConfig, Observation, Override, RoutingMetrics};
 use limits_book::LimitsBook;
@@ -291,7 +291,7 @@ pub struct Engine {
     agreements: AgreementStore,
     orders: DashMap<OrderKey, Order>,
     /// Final orders past their detail window (see [`settled`]); read after `orders`.
-    settled: DashMap<OrderKey, Settled>,
+    settled: settled::SettledStore,
     /// Final, durable orders in the order they became so, waiting to be settled:
     /// (finished at, key).
     to_settle: Mutex<VecDeque<(u64, OrderKey)>>,
@@ -369,7 +369,7 @@ impl Engine {
             hasher: PiiHasher::new(pii_secret),
             agreements,
             orders: DashMap::new(),
-            settled: DashMap::new(),
+            settled: settled::SettledStore::new(),
             to_settle: Mutex::new(VecDeque::new()),
             by_ref: DashMap::default(),
             payout_cards: DashMap::new(),

@@ -94,7 +94,7 @@ impl Engine {
             && o.finished_at_ms < now_ms.saturating_sub(self.cfg.settle_after_ms)
         {
             self.orders.remove(&o.key);
-            self.settled.insert(o.key, Settled::of(&o));
+            self.settled.insert_all(&[(o.key, Settled::of(&o))]);
             return;
         }
         for a in &o.attempts {
@@ -140,9 +140,7 @@ impl Engine {
         for o in self.orders.iter() {
             order(o.value());
         }
-        for s in self.settled.iter() {
-            order(&s.value().to_order(*s.key()));
-        }
+        self.settled.for_each(|key, s| order(&s.to_order(key)));
         for n in self.outbox.iter() {
             notification(&n.merchant, &n.msg);
         }
@@ -438,27 +436,30 @@ impl Engine {
             if keys.is_empty() {
                 return moved;
             }
-            for key in keys {
-                let settled = match self.orders.get(&key) {
+            let batch: Vec<(OrderKey, Settled)> = keys
+                .into_iter()
+                .filter_map(|key| match self.orders.get(&key) {
                     Some(o)
                         if o.phase == Phase::Final
                             && o.durable.is_some_and(|d| d.status.is_final()) =>
                     {
-                        Settled::of(&o)
+                        Some((key, Settled::of(&o)))
                     }
                     // Already settled or evicted, or not what the queue said.
-                    _ => continue,
-                };
-                let refs: Vec<_> = settled.attempts.iter().map(|a| a.order_ref).collect();
-                self.settled.insert(key, settled);
-                self.orders.remove_if(&key, |_, o| o.phase == Phase::Final);
-                for r in refs {
-                    self.by_ref.remove(&r);
+                    _ => None,
+                })
+                .collect();
+            // Settled first, then out of the live map.
+            self.settled.insert_all(&batch);
+            for (key, settled) in &batch {
+                self.orders.remove_if(key, |_, o| o.phase == Phase::Final);
+                for a in &settled.attempts {
+                    self.by_ref.remove(&a.order_ref);
                 }
-                self.decisions.remove(&key);
-                self.payout_cards.remove(&key);
-                moved += 1;
+                self.decisions.remove(key);
+                self.payout_cards.remove(key);
             }
+            moved += batch.len();
         }
     }
 
@@ -483,12 +484,6 @@ impl Engine {
         for k in &keys {
             self.decisions.remove(k);
         }
-        let mut settled = 0;
-        self.settled.retain(|_, s| {
-            let keep = s.finished_at_ms >= cutoff_ms;
-            settled += usize::from(!keep);
-            keep
-        });
-        keys.len() + settled
+        keys.len() + self.settled.evict_before(cutoff_ms)
     }
 }

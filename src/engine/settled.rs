@@ -117,3 +117,687 @@ impl Facts {
         &self.kind == kind && self.amount == amount
     }
 }
+
+// ----- the store ---------------------------------------------------------------------
+
+/// Bytes of one packed settled order (layout in [`pack`]).
+const REC: usize = 128;
+/// Records per chunk: eviction frees whole chunks.
+const CHUNK: usize = 4096;
+/// Channel id meaning "no attempt".
+const NO_CHANNEL: u16 = u16::MAX;
+/// Flag: the order does not fit the packed form (more than one attempt, or an attempt
+/// sent later than its acceptance); its exact form is in `fallback`.
+const F_FALLBACK: u8 = 1;
+
+type Rec = [u8; REC];
+
+/// Settled orders held compactly: 128-byte records appended in the order orders settle
+/// (which is about the order they finished in), in chunks that retention frees whole,
+/// and a 16-byte-per-entry index from a keyed 64-bit fingerprint of the order key to the
+/// record's slot. Every index hit is checked against the record's key, so two keys with
+/// one fingerprint cost an entry in `spill`, never a wrong answer.
+///
+/// Written by hand rather than with a map of `Settled` values: a hash map of 200-byte
+/// entries at a typical load factor costs ~480 bytes per order (measured), this ~160.
+///
+/// Concurrency: a record is in the arena before the index points at it; readers go
+/// index → arena under the arena's read lock. Writers are the settling pass, snapshot
+/// restore and retention, all rare next to reads.
+pub(crate) struct SettledStore {
+    arena: std::sync::RwLock<Arena>,
+    index: dashmap::DashMap<u64, u64, nohash_hasher::BuildNoHashHasher<u64>>,
+    /// Keys whose fingerprint another key already holds in `index`.
+    spill: dashmap::DashMap<OrderKey, u64>,
+    /// Exact forms of orders that do not fit a record, by slot.
+    fallback: dashmap::DashMap<u64, Settled>,
+    merchants: super::agreement::Interner<MerchantNo>,
+    channels: super::agreement::Interner<ChannelId>,
+    keyed: std::collections::hash_map::RandomState,
+    /// All ones; tests narrow it to force fingerprint collisions.
+    fp_mask: u64,
+    len: std::sync::atomic::AtomicUsize,
+}
+
+#[derive(Default)]
+struct Arena {
+    /// Slot of the first record of `chunks[0]`.
+    first_slot: u64,
+    chunks: std::collections::VecDeque<Chunk>,
+}
+
+struct Chunk {
+    recs: Vec<Rec>,
+    /// Latest `finished_at_ms` in the chunk: the chunk goes when that is past retention.
+    max_finished_ms: u64,
+}
+
+impl Arena {
+    fn next_slot(&self) -> u64 {
+        let full = self.chunks.len().saturating_sub(1) * CHUNK;
+        self.first_slot + (full + self.chunks.back().map_or(0, |c| c.recs.len())) as u64
+    }
+
+    fn push(&mut self, r: Rec, finished_ms: u64) -> u64 {
+        let slot = self.next_slot();
+        if !matches!(self.chunks.back(), Some(c) if c.recs.len() < CHUNK) {
+            self.chunks.push_back(Chunk {
+                recs: Vec::with_capacity(CHUNK),
+                max_finished_ms: 0,
+            });
+        }
+        let c = self.chunks.back_mut().expect("just ensured");
+        c.recs.push(r);
+        c.max_finished_ms = c.max_finished_ms.max(finished_ms);
+        slot
+    }
+
+    fn get(&self, slot: u64) -> Option<&Rec> {
+        let i = usize::try_from(slot.checked_sub(self.first_slot)?).ok()?;
+        self.chunks.get(i / CHUNK)?.recs.get(i % CHUNK)
+    }
+}
+
+use super::order::AttemptOutcome;
+use crate::channel::message::{OrderRef, RspCode};
+use crate::message::{AgreementId, Reason, Status};
+use crate::wire::field::Ascii;
+use crate::wire::header::MerchantNo;
+
+fn put_text(dst: &mut [u8], s: &[u8]) {
+    dst[..s.len()].copy_from_slice(s);
+}
+
+/// Zero-padded text back (values never contain NUL: the wire pads with it).
+fn text(src: &[u8]) -> &str {
+    let n = src.iter().position(|&b| b == 0).unwrap_or(src.len());
+    std::str::from_utf8(&src[..n]).unwrap_or("")
+}
+
+fn u64_at(r: &Rec, at: usize) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&r[at..at + 8]);
+    u64::from_le_bytes(b)
+}
+
+fn outcome_tag(o: AttemptOutcome) -> (u8, Option<RspCode>) {
+    match o {
+        AttemptOutcome::InFlight => (0, None),
+        AttemptOutcome::NotSent => (1, None),
+        AttemptOutcome::NotProcessed(c) => (2, Some(c)),
+        AttemptOutcome::Declined(c) => (3, Some(c)),
+        AttemptOutcome::Success(c) => (4, Some(c)),
+        AttemptOutcome::Processing(c) => (5, Some(c)),
+        AttemptOutcome::Unknown => (6, None),
+    }
+}
+
+fn outcome_of(tag: u8, code: &str) -> Option<AttemptOutcome> {
+    let c = || RspCode(Ascii::new(code).unwrap_or_default());
+    Some(match tag {
+        0 => AttemptOutcome::InFlight,
+        1 => AttemptOutcome::NotSent,
+        2 => AttemptOutcome::NotProcessed(c()),
+        3 => AttemptOutcome::Declined(c()),
+        4 => AttemptOutcome::Success(c()),
+        5 => AttemptOutcome::Processing(c()),
+        6 => AttemptOutcome::Unknown,
+        _ => return None,
+    })
+}
+
+impl SettledStore {
+    pub(crate) fn new() -> SettledStore {
+        SettledStore {
+            arena: std::sync::RwLock::new(Arena::default()),
+            index: dashmap::DashMap::default(),
+            spill: dashmap::DashMap::new(),
+            fallback: dashmap::DashMap::new(),
+            merchants: super::agreement::Interner::new(),
+            channels: super::agreement::Interner::new(),
+            keyed: std::collections::hash_map::RandomState::new(),
+            fp_mask: u64::MAX,
+            len: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
+
+    fn fp(&self, key: &OrderKey) -> u64 {
+        use std::hash::BuildHasher;
+        self.keyed.hash_one(key) & self.fp_mask
+    }
+
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Arena> {
+        self.arena.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Arena> {
+        self.arena.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Record layout (little-endian):
+    /// `0..4` merchant (interned) · `4..36` order id · `36` kind (0 debit, 1 payout) ·
+    /// `37..53` agreement id or card hash · `53..61` amount · `61` status · `62..64`
+    /// reason · `64..72` channel code · `72..80` finished at · `80..88` accepted at ·
+    /// `88..90` channel of the attempt (interned; `u16::MAX` none) · `90..122` its
+    /// reference · `122` its outcome · `123..127` its code · `127` flags.
+    /// The attempt's send time is the acceptance time (the first attempt starts with
+    /// the acceptance); an order that does not fit goes to `fallback` as well.
+    fn pack(&self, key: &OrderKey, s: &Settled) -> Rec {
+        let mut r = [0u8; REC];
+        r[0..4].copy_from_slice(&self.merchants.intern(key.0).to_le_bytes());
+        put_text(&mut r[4..36], key.1.as_str().as_bytes());
+        match s.kind {
+            OrderKind::Debit { agreement } => {
+                r[36] = 0;
+                r[37..45].copy_from_slice(&agreement.0.to_le_bytes());
+            }
+            OrderKind::Payout { card_hash } => {
+                r[36] = 1;
+                r[37..53].copy_from_slice(&card_hash);
+            }
+        }
+        r[53..61].copy_from_slice(&s.amount.to_le_bytes());
+        r[61] = s.outcome.status as u8;
+        r[62..64].copy_from_slice(&(s.outcome.reason as u16).to_le_bytes());
+        put_text(&mut r[64..72], s.outcome.channel_code.as_str().as_bytes());
+        r[72..80].copy_from_slice(&s.finished_at_ms.to_le_bytes());
+        r[80..88].copy_from_slice(&s.accepted_at_ms.to_le_bytes());
+        let mut fits = s.attempts.len() <= 1 && s.outcome.field == 0;
+        match s.attempts.first() {
+            Some(a) => {
+                let ch = self.channels.intern(a.channel);
+                fits &= ch < u32::from(NO_CHANNEL) && a.sent_at_ms == s.accepted_at_ms;
+                r[88..90].copy_from_slice(&(ch.min(u32::from(NO_CHANNEL)) as u16).to_le_bytes());
+                put_text(&mut r[90..122], a.order_ref.as_str().as_bytes());
+                let (tag, code) = outcome_tag(a.outcome);
+                r[122] = tag;
+                if let Some(c) = code {
+                    put_text(&mut r[123..127], c.0.as_str().as_bytes());
+                }
+            }
+            None => r[88..90].copy_from_slice(&NO_CHANNEL.to_le_bytes()),
+        }
+        if !fits {
+            r[127] |= F_FALLBACK;
+        }
+        r
+    }
+
+    fn key_of(&self, r: &Rec) -> Option<OrderKey> {
+        let m = u32::from_le_bytes([r[0], r[1], r[2], r[3]]);
+        let id = crate::message::OrderId::new(text(&r[4..36])).ok()?;
+        Some((self.merchants.get(m), id))
+    }
+
+    fn unpack(&self, slot: u64, r: &Rec) -> Option<Settled> {
+        if r[127] & F_FALLBACK != 0 {
+            return self.fallback.get(&slot).map(|s| s.clone());
+        }
+        let kind = match r[36] {
+            0 => OrderKind::Debit {
+                agreement: AgreementId(u64_at(r, 37)),
+            },
+            _ => {
+                let mut card_hash = [0u8; 16];
+                card_hash.copy_from_slice(&r[37..53]);
+                OrderKind::Payout { card_hash }
+            }
+        };
+        let accepted_at_ms = u64_at(r, 80);
+        let ch = u16::from_le_bytes([r[88], r[89]]);
+        let mut attempts = SmallVec::new();
+        if ch != NO_CHANNEL {
+            attempts.push(Attempt {
+                channel: self.channels.get(u32::from(ch)),
+                order_ref: OrderRef::new(text(&r[90..122])).ok()?,
+                sent_at_ms: accepted_at_ms,
+                outcome: outcome_of(r[122], text(&r[123..127]))?,
+            });
+        }
+        Some(Settled {
+            kind,
+            amount: u64_at(r, 53),
+            outcome: Outcome {
+                status: Status::from_u8(r[61])?,
+                reason: Reason::from_u16(u16::from_le_bytes([r[62], r[63]]))?,
+                field: 0,
+                channel_code: Ascii::new(text(&r[64..72])).ok()?,
+            },
+            accepted_at_ms,
+            finished_at_ms: u64_at(r, 72),
+            attempts,
+        })
+    }
+
+    /// The slot holding `key`, checked against the record.
+    fn slot_of(&self, arena: &Arena, key: &OrderKey) -> Option<u64> {
+        let holds = |slot: u64| {
+            arena
+                .get(slot)
+                .and_then(|r| self.key_of(r))
+                .is_some_and(|k| &k == key)
+        };
+        if let Some(slot) = self.index.get(&self.fp(key)).map(|s| *s) {
+            if holds(slot) {
+                return Some(slot);
+            }
+        }
+        if self.spill.is_empty() {
+            return None;
+        }
+        self.spill.get(key).map(|s| *s).filter(|&s| holds(s))
+    }
+
+    /// The settled order with this key.
+    pub(crate) fn get(&self, key: &OrderKey) -> Option<Settled> {
+        let arena = self.read();
+        let slot = self.slot_of(&arena, key)?;
+        self.unpack(slot, arena.get(slot)?)
+    }
+
+    /// True when an order with this key is settled. Most calls are for new order ids:
+    /// one index probe that misses.
+    pub(crate) fn contains_key(&self, key: &OrderKey) -> bool {
+        if !self.index.contains_key(&self.fp(key)) && self.spill.is_empty() {
+            return false;
+        }
+        let arena = self.read();
+        self.slot_of(&arena, key).is_some()
+    }
+
+    /// Number of settled orders.
+    pub(crate) fn len(&self) -> usize {
+        self.len.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Add settled orders (a key already present points at its new record).
+    pub(crate) fn insert_all(&self, orders: &[(OrderKey, Settled)]) {
+        let mut placed = Vec::with_capacity(orders.len());
+        {
+            let mut arena = self.write();
+            for (key, s) in orders {
+                let r = self.pack(key, s);
+                let slot = arena.push(r, s.finished_at_ms);
+                if r[127] & F_FALLBACK != 0 {
+                    self.fallback.insert(slot, s.clone());
+                }
+                placed.push((*key, slot));
+            }
+        }
+        // The records exist; now the index may point at them.
+        for (key, slot) in placed {
+            self.point(&key, slot);
+        }
+    }
+
+    /// Point the index (or the spill map) at `slot` for `key`.
+    ///
+    /// Lock order: an index entry is never held while the arena lock is taken (readers
+    /// hold the arena lock while they probe the index), so the key behind an occupied
+    /// fingerprint is read first and the entry is then replaced only if unchanged.
+    fn point(&self, key: &OrderKey, slot: u64) {
+        use dashmap::mapref::entry::Entry;
+        let fp = self.fp(key);
+        let added = loop {
+            let held = self.index.get(&fp).map(|s| *s);
+            let same = held.map(|h| {
+                let arena = self.read();
+                // A slot already evicted holds no other key.
+                arena
+                    .get(h)
+                    .and_then(|r| self.key_of(r))
+                    .map_or(true, |k| &k == key)
+            });
+            match (held, same) {
+                (Some(_), Some(false)) => break self.spill.insert(*key, slot).is_none(),
+                _ => match self.index.entry(fp) {
+                    Entry::Vacant(v) if held.is_none() => {
+                        drop(v.insert(slot));
+                        // It may have been in the spill map while another key held the
+                        // fingerprint: one place per key.
+                        break self.spill.is_empty() || self.spill.remove(key).is_none();
+                    }
+                    Entry::Occupied(mut o) if Some(*o.get()) == held => {
+                        o.insert(slot);
+                        break false;
+                    }
+                    // Changed meanwhile: look again.
+                    _ => continue,
+                },
+            }
+        };
+        if added {
+            self.len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+
+    /// Forget `key` (its record stays until its chunk is evicted, unreachable).
+    pub(crate) fn remove(&self, key: &OrderKey) {
+        let slot = {
+            let arena = self.read();
+            self.slot_of(&arena, key)
+        };
+        let Some(slot) = slot else { return };
+        let gone = self
+            .index
+            .remove_if(&self.fp(key), |_, s| *s == slot)
+            .is_some()
+            || self.spill.remove_if(key, |_, s| *s == slot).is_some();
+        if gone {
+            self.len.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+        self.fallback.remove(&slot);
+    }
+
+    /// Free the chunks whose every order finished before `cutoff_ms` (retention).
+    /// Returns how many orders were forgotten.
+    pub(crate) fn evict_before(&self, cutoff_ms: u64) -> usize {
+        let mut gone = Vec::new();
+        {
+            let mut arena = self.write();
+            while arena
+                .chunks
+                .front()
+                .is_some_and(|c| c.max_finished_ms < cutoff_ms)
+            {
+                let c = arena.chunks.pop_front().expect("just checked");
+                let first = arena.first_slot;
+                arena.first_slot += CHUNK as u64;
+                for (i, r) in c.recs.iter().enumerate() {
+                    if let Some(k) = self.key_of(r) {
+                        gone.push((k, first + i as u64));
+                    }
+                }
+                if arena.chunks.is_empty() {
+                    // The next record starts a fresh chunk at the next slot.
+                    arena.first_slot = first + c.recs.len() as u64;
+                }
+            }
+        }
+        let mut n = 0;
+        for (key, slot) in gone {
+            let hit = self
+                .index
+                .remove_if(&self.fp(&key), |_, s| *s == slot)
+                .is_some()
+                || self.spill.remove_if(&key, |_, s| *s == slot).is_some();
+            self.fallback.remove(&slot);
+            n += usize::from(hit);
+        }
+        self.len.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
+        n
+    }
+
+    /// Visit every settled order, oldest record first (snapshots keep that order, so a
+    /// restore keeps chunks in finishing order and retention keeps freeing them).
+    ///
+    /// The arena lock is held only to copy one chunk at a time, so a snapshot of
+    /// millions of settled orders never holds up settling or lookups for long.
+    pub(crate) fn for_each(&self, mut f: impl FnMut(OrderKey, Settled)) {
+        let mut cursor = self.read().first_slot;
+        loop {
+            let (first, recs) = {
+                let arena = self.read();
+                let start = cursor.max(arena.first_slot);
+                let Ok(i) = usize::try_from(start - arena.first_slot) else {
+                    return;
+                };
+                let Some(c) = arena.chunks.get(i / CHUNK) else {
+                    return;
+                };
+                let chunk_first = start - (i % CHUNK) as u64;
+                (chunk_first, c.recs.clone())
+            };
+            if recs.is_empty() {
+                return;
+            }
+            for (i, r) in recs.iter().enumerate() {
+                let slot = first + i as u64;
+                if slot < cursor {
+                    continue;
+                }
+                let Some(key) = self.key_of(r) else { continue };
+                // Only the record the index points at (not one a re-insert replaced).
+                let current = self.index.get(&self.fp(&key)).is_some_and(|s| *s == slot)
+                    || self.spill.get(&key).is_some_and(|s| *s == slot);
+                if current {
+                    if let Some(s) = self.unpack(slot, r) {
+                        f(key, s);
+                    }
+                }
+            }
+            cursor = first + recs.len() as u64;
+            if recs.len() < CHUNK {
+                return;
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::channel::message::OrderRef;
+    use crate::message::OrderId;
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+
+    fn key(m: u8, i: u32) -> OrderKey {
+        (
+            MerchantNo::new(&format!("M{m}")).unwrap(),
+            OrderId::new(&format!("ORDER-{i:08}")).unwrap(),
+        )
+    }
+
+    fn attempt(ch: &str, r: u32, sent: u64, outcome: AttemptOutcome) -> Attempt {
+        Attempt {
+            channel: ChannelId::new(ch).unwrap(),
+            order_ref: OrderRef::new(&format!("S1O{r:x}")).unwrap(),
+            sent_at_ms: sent,
+            outcome,
+        }
+    }
+
+    /// A settled order of every shape: debit or payout, success, declined, no channel,
+    /// one attempt or a failover, no attempt at all.
+    fn settled(i: u32, finished: u64) -> Settled {
+        let code = RspCode(Ascii::new("1001").unwrap());
+        let kind = if i % 2 == 0 {
+            OrderKind::Debit {
+                agreement: AgreementId(u64::from(i) + 1),
+            }
+        } else {
+            OrderKind::Payout {
+                card_hash: [i as u8; 16],
+            }
+        };
+        let (status, reason, attempts): (_, _, SmallVec<[Attempt; 1]>) = match i % 5 {
+            0 => (
+                Status::Success,
+                Reason::OK,
+                [attempt("CHA", i, 5, AttemptOutcome::Success(code))].into(),
+            ),
+            1 => (
+                Status::Failed,
+                Reason::CHANNEL_DECLINED,
+                [attempt("CHB", i, 5, AttemptOutcome::Declined(code))].into(),
+            ),
+            2 => (
+                Status::Success,
+                Reason::OK,
+                smallvec::smallvec![
+                    attempt("CHA", i, 5, AttemptOutcome::NotProcessed(code)),
+                    attempt("CHB", i + 1, 6, AttemptOutcome::Success(code)),
+                ],
+            ),
+            3 => (Status::Failed, Reason::NO_CHANNEL, SmallVec::new()),
+            _ => (
+                Status::Failed,
+                Reason::NO_CHANNEL,
+                [attempt("CHA", i, 5, AttemptOutcome::NotSent)].into(),
+            ),
+        };
+        Settled {
+            kind,
+            amount: u64::from(i) * 100 + 1,
+            outcome: Outcome {
+                status,
+                reason,
+                field: 0,
+                channel_code: Ascii::new(if i % 5 == 1 { "1001" } else { "" }).unwrap(),
+            },
+            accepted_at_ms: 5,
+            finished_at_ms: finished,
+            attempts,
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Insert(Vec<(u8, u32)>),
+        Remove(u8, u32),
+    }
+
+    /// Operations on ids below `ids` (few ids: many repeats and removals of one key).
+    fn op(ids: u32) -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => prop::collection::vec((0u8..3, 0..ids), 1..50).prop_map(Op::Insert),
+            2 => (0u8..3, 0..ids).prop_map(|(m, i)| Op::Remove(m, i)),
+        ]
+    }
+
+    fn check_against_model(store: &SettledStore, ops: &[Op]) {
+        let mut model: HashMap<OrderKey, Settled> = HashMap::new();
+        let mut version = 0u64;
+        for op in ops {
+            match op {
+                Op::Insert(keys) => {
+                    version += 1;
+                    let batch: Vec<_> = keys
+                        .iter()
+                        .map(|&(m, i)| (key(m, i), settled(i, 100 + version)))
+                        .collect();
+                    // A key twice in one batch: the later record wins, as in the model.
+                    store.insert_all(&batch);
+                    model.extend(batch);
+                }
+                Op::Remove(m, i) => {
+                    store.remove(&key(*m, *i));
+                    model.remove(&key(*m, *i));
+                }
+            }
+        }
+        assert_eq!(store.len(), model.len());
+        for m in 0..3 {
+            for i in 0..400 {
+                let k = key(m, i);
+                assert_eq!(store.get(&k), model.get(&k).cloned(), "{k:?}");
+                assert_eq!(store.contains_key(&k), model.contains_key(&k));
+            }
+        }
+        let mut seen = HashMap::new();
+        store.for_each(|k, s| assert!(seen.insert(k, s).is_none(), "visited twice"));
+        assert_eq!(seen, model);
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+
+        #[test]
+        fn the_store_behaves_like_a_map(ops in prop::collection::vec(op(400), 1..40)) {
+            check_against_model(&SettledStore::new(), &ops);
+        }
+
+        #[test]
+        fn the_store_behaves_like_a_map_when_fingerprints_collide(
+            ops in prop::collection::vec(op(12), 1..60)
+        ) {
+            let mut store = SettledStore::new();
+            store.fp_mask = 0x7;
+            check_against_model(&store, &ops);
+        }
+    }
+
+    #[test]
+    fn a_key_moves_from_the_spill_map_to_the_index_without_a_copy_left_behind() {
+        let mut store = SettledStore::new();
+        store.fp_mask = 0; // every key has the same fingerprint
+        let (a, b) = (key(0, 1), key(0, 2));
+        store.insert_all(&[(a, settled(1, 9)), (b, settled(2, 9))]);
+        assert_eq!(store.spill.len(), 1);
+        store.remove(&a);
+        store.insert_all(&[(b, settled(3, 10))]);
+        assert_eq!(store.len(), 1);
+        assert_eq!(store.get(&b), Some(settled(3, 10)));
+        let mut visited = Vec::new();
+        store.for_each(|k, s| visited.push((k, s)));
+        assert_eq!(visited, vec![(b, settled(3, 10))]);
+    }
+
+    #[test]
+    fn a_plain_order_fits_one_record_and_a_failover_keeps_every_attempt() {
+        let store = SettledStore::new();
+        store.insert_all(&[(key(0, 0), settled(0, 9)), (key(0, 2), settled(2, 9))]);
+        assert_eq!(
+            store.fallback.len(),
+            1,
+            "only the failover needs its exact form"
+        );
+        assert_eq!(store.get(&key(0, 2)).unwrap().attempts.len(), 2);
+        assert_eq!(std::mem::size_of::<Rec>(), 128);
+    }
+
+    #[test]
+    fn retention_frees_whole_chunks_and_forgets_their_orders() {
+        let store = SettledStore::new();
+        let n = CHUNK as u32 * 3 + 10;
+        let batch: Vec<_> = (0..n)
+            .map(|i| (key(1, i), settled(i, 1_000 + u64::from(i))))
+            .collect();
+        store.insert_all(&batch);
+        assert_eq!(store.len(), n as usize);
+        // The first chunk's newest order finished at 1000 + CHUNK - 1.
+        assert_eq!(store.evict_before(1_000 + CHUNK as u64 - 1), 0);
+        assert_eq!(store.evict_before(1_000 + CHUNK as u64), CHUNK);
+        assert!(store.get(&key(1, 0)).is_none());
+        assert!(store.get(&key(1, CHUNK as u32)).is_some());
+        // Everything, the partly filled last chunk included; then new orders still go in.
+        assert_eq!(store.evict_before(u64::MAX), n as usize - CHUNK);
+        assert_eq!(store.len(), 0);
+        store.insert_all(&[(key(2, 7), settled(7, 5))]);
+        assert_eq!(store.get(&key(2, 7)), Some(settled(7, 5)));
+        let mut visited = 0;
+        store.for_each(|_, _| visited += 1);
+        assert_eq!(visited, 1);
+        assert!(store.fallback.len() <= 1);
+    }
+
+    #[test]
+    fn readers_never_miss_while_a_writer_settles_and_evicts() {
+        let store = SettledStore::new();
+        let n = 20_000u32;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
+                    let b: Vec<_> = chunk.iter().map(|&i| (key(0, i), settled(i, 10))).collect();
+                    store.insert_all(&b);
+                    // Nothing is past retention: eviction must free nothing.
+                    assert_eq!(store.evict_before(5), 0);
+                }
+            });
+            s.spawn(|| {
+                // Whatever was found once is found again (never lost meanwhile).
+                let mut found = 0u32;
+                while found < n {
+                    if store.contains_key(&key(0, found)) {
+                        assert_eq!(store.get(&key(0, found)), Some(settled(found, 10)));
+                        found += 1;
+                    } else {
+                        std::thread::yield_now();
+                    }
+                }
+            });
+        });
+        assert_eq!(store.len(), n as usize);
+    }
+}
