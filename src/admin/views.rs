@@ -302,6 +302,11 @@ pub(super) fn order_text(sw: &Switch, m: &str, o: &str) -> Option<String> {
         for (c, why) in &d.excluded {
             let _ = writeln!(out, "excluded {c} {}", why.name());
         }
+    } else {
+        let _ = writeln!(
+            out,
+            "router reasons not held (memory only, until engine.order_detail_ms after the order is final, and not across restarts)"
+        );
     }
     Some(out)
 }
