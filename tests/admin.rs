@@ -373,6 +373,8 @@ async fn funds_top_up_and_status_data_and_metrics() {
             "sluice_request_duration_us_bucket{type=\"DEBIT_REQ\",le=\"+Inf\"} 3",
             "sluice_request_duration_us_count{type=\"DEBIT_REQ\"} 3",
             "sluice_sessions 1",
+            "sluice_orders_held{form=\"live\"} 3",
+            "sluice_orders_held{form=\"settled\"} 0",
             "sluice_requests_inflight 0",
             "sluice_requests_busy_total 0",
             "sluice_channel_breaker_state{channel=\"CHA\"} 0",

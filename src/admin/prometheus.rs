@@ -61,6 +61,14 @@ pub fn metrics(sw: &Switch, ctl: &Control) -> String {
         s.mismatches.load(Ordering::Relaxed),
         sw.engine.outbox_len()
     );
+    let held = sw.engine.order_count();
+    let settled = sw.engine.settled_count();
+    let _ = writeln!(
+        out,
+        "# HELP sluice_orders_held Orders in memory (idempotency retention), by form: live (in progress or within engine.order_detail_ms of final) or settled (compact).\n# TYPE sluice_orders_held gauge\nsluice_orders_held{{form=\"live\"}} {}\nsluice_orders_held{{form=\"settled\"}} {}",
+        held.saturating_sub(settled),
+        settled
+    );
     let _ = writeln!(
         out,
         "# HELP sluice_sessions Logged-on lender sessions.\n# TYPE sluice_sessions gauge\nsluice_sessions {}\n# HELP sluice_requests_inflight Lender requests holding an in-flight slot.\n# TYPE sluice_requests_inflight gauge\nsluice_requests_inflight {}",
