@@ -62,9 +62,11 @@ use limits_book::LimitsBook;
 use order::AttemptOutcome;
 use route::{ChannelState, Decision, LocalTime};
 
-/// Default of [`EngineConfig::settle_after_ms`]: ten minutes of full detail (the admin
-/// view's attempts and router reasons) after an order is final.
-pub const SETTLE_AFTER_MS_DEFAULT: u64 = 600_000;
+/// Default of [`EngineConfig::settle_after_ms`]: one minute of full detail (the admin
+/// view's router reasons) after an order is final. A live order costs ~2 KB of memory in
+/// a running switch, so the window times the peak order rate bounds that part: 1 GB at
+/// 8.8k orders/s for one minute (BENCHMARKS.md).
+pub const SETTLE_AFTER_MS_DEFAULT: u64 = 60_000;
 
 /// Engine settings (times in milliseconds).
 #[derive(Debug, Clone)]
