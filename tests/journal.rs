@@ -356,3 +356,51 @@ async fn append_all_makes_every_record_durable_in_order() {
     assert_eq!(n, 20 * 23);
     assert_eq!(rep.records_replayed, 20 * 23);
 }
+
+/// Snapshots wait for at least half as many records as the last one had entries, so a
+/// growing state does not make every record pay for rewriting it more often; a trigger
+/// queued during a snapshot is not a second one right after it.
+#[test]
+fn the_snapshot_interval_grows_with_the_state() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut c = cfg(dir.path());
+    c.policy = Policy::None;
+    c.snapshot_every_records = 100;
+    let (j, r) = journal::open(c).unwrap();
+    let e = Arc::new(engine());
+    r.apply(&e, 0).unwrap();
+    let snapshots = || journal::snapshot::list(dir.path()).unwrap().len();
+    let wait_for = |n: usize| {
+        let t = std::time::Instant::now();
+        while snapshots() < n {
+            assert!(t.elapsed().as_secs() < 30, "snapshot {n} never came");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+    };
+    // 1000 agreements in the engine: the first snapshot (after 100 records) holds them.
+    for id in 1..=1000 {
+        if let Record::Agreement(a) = agreement(id) {
+            e.agreements().upsert(*a);
+        }
+    }
+    j.start_snapshots(e.clone());
+    for id in 1..=100 {
+        j.append_blocking(&agreement(id)).unwrap();
+    }
+    wait_for(1);
+    // Now 500 records are needed, not 100.
+    for id in 1..=300 {
+        j.append_blocking(&agreement(id)).unwrap();
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert_eq!(
+        snapshots(),
+        1,
+        "a snapshot after 300 records with 1000 entries"
+    );
+    for id in 1..=250 {
+        j.append_blocking(&agreement(id)).unwrap();
+    }
+    wait_for(2);
+    j.close().unwrap();
+}

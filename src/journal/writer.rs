@@ -225,7 +225,7 @@ pub fn run(rx: Receiver<Item>, mut tail: Tail, mut next_lsn: u64, shared: Arc<Sh
         }
         if records > 0 {
             let since = shared.since_snapshot.fetch_add(records, Ordering::Relaxed) + records;
-            if since >= shared.cfg.snapshot_every_records {
+            if since >= shared.snapshot_threshold.load(Ordering::Relaxed) {
                 if let Some(t) = shared.snapshot_trigger.lock().ok().and_then(|g| g.clone()) {
                     let _ = t.try_send(());
                 }
