@@ -6,8 +6,8 @@
 //! Locks are never held across `.await` (the engine is synchronous).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, OnceLock, RwLock};
 
 use dashmap::DashMap;
 use ring::hmac;
@@ -239,23 +239,137 @@ struct Chunk {
     slots: RwLock<Box<[Packed]>>,
 }
 
+/// Chunks per directory segment: a segment maps 2^12 consecutive chunk numbers (1M ids).
+const SEG_BITS: u32 = 12;
+const SEG: usize = 1 << SEG_BITS;
+/// Segment table size (a power of two) and how many segments it takes before further
+/// ones go to the sparse map (keeps linear probing short and always terminating).
+const DIR_SLOTS: usize = 1024;
+const DIR_SEGMENTS_MAX: usize = DIR_SLOTS * 3 / 4;
+
+/// The directory entries of one run of [`SEG`] chunk numbers.
+struct Segment {
+    /// Chunk number >> SEG_BITS.
+    no: u64,
+    /// Chunk ordinal + 1 per chunk number; 0 = no chunk.
+    ords: Box<[AtomicU32]>,
+}
+
+/// Chunk number (`id >> CHUNK_BITS`) → chunk ordinal, readable without a lock.
+///
+/// Ids come in dense runs (one per start of the switch: each start continues from a
+/// time-based base), so the directory is a small open-addressing table of segments,
+/// each a flat array over 2^12 consecutive chunk numbers: a lookup is one or two probes
+/// and one array read, all plain loads. Entries and segments are only ever added (under
+/// `grow`), never removed. Ids from older, sparse data cost a 16 KiB segment each until
+/// the table holds [`DIR_SEGMENTS_MAX`] segments; chunk numbers after that go to a
+/// sparse map (slower, still exact).
+struct Directory {
+    table: Box<[OnceLock<Segment>]>,
+    segments: AtomicUsize,
+    sparse: FxDashMap<u64, u32>,
+    sparse_used: AtomicBool,
+    grow: Mutex<()>,
+}
+
+impl Directory {
+    fn new() -> Directory {
+        Directory {
+            table: (0..DIR_SLOTS).map(|_| OnceLock::new()).collect(),
+            segments: AtomicUsize::new(0),
+            sparse: FxDashMap::default(),
+            sparse_used: AtomicBool::new(false),
+            grow: Mutex::new(()),
+        }
+    }
+
+    fn home(no: u64) -> usize {
+        (no.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DIR_SLOTS.trailing_zeros())) as usize
+    }
+
+    /// The segment holding chunk numbers `no << SEG_BITS ..`, if there is one.
+    fn segment(&self, no: u64) -> Option<&Segment> {
+        let mut h = Directory::home(no);
+        loop {
+            match self.table[h].get() {
+                Some(s) if s.no == no => return Some(s),
+                Some(_) => h = (h + 1) % DIR_SLOTS,
+                None => return None,
+            }
+        }
+    }
+
+    #[inline]
+    fn get(&self, key: u64) -> Option<u32> {
+        if let Some(s) = self.segment(key >> SEG_BITS) {
+            return s.ords[key as usize % SEG]
+                .load(Ordering::Acquire)
+                .checked_sub(1);
+        }
+        if self.sparse_used.load(Ordering::Acquire) {
+            return self.get_sparse(key);
+        }
+        None
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn get_sparse(&self, key: u64) -> Option<u32> {
+        self.sparse.get(&key).map(|o| *o)
+    }
+
+    /// The ordinal for `key`, calling `create` (which adds the chunk) when it has none.
+    fn get_or_create(&self, key: u64, create: impl FnOnce() -> u32) -> u32 {
+        let _g = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ord) = self.get(key) {
+            return ord;
+        }
+        let ord = create();
+        let no = key >> SEG_BITS;
+        let seg = match self.segment(no) {
+            Some(s) => Some(s),
+            None if self.segments.load(Ordering::Relaxed) < DIR_SEGMENTS_MAX => {
+                let mut h = Directory::home(no);
+                while self.table[h].get().is_some() {
+                    h = (h + 1) % DIR_SLOTS;
+                }
+                self.segments.fetch_add(1, Ordering::Relaxed);
+                Some(self.table[h].get_or_init(|| Segment {
+                    no,
+                    ords: (0..SEG).map(|_| AtomicU32::new(0)).collect(),
+                }))
+            }
+            // The table is full for good, so this segment never appears later.
+            None => None,
+        };
+        match seg {
+            Some(s) => s.ords[key as usize % SEG].store(ord + 1, Ordering::Release),
+            None => {
+                self.sparse_used.store(true, Ordering::Release);
+                self.sparse.insert(key, ord);
+            }
+        }
+        ord
+    }
+}
+
 /// Small append-only table of codes (merchants, banks, channels) so a record stores a
 /// `u32` instead of the code. Codes are few (configured merchants and channels, bank
 /// codes); the table never shrinks.
-struct Interner<T> {
+pub(super) struct Interner<T> {
     ids: FxDashMap<T, u32>,
     list: boxcar::Vec<T>,
 }
 
 impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
-    fn new() -> Self {
+    pub(super) fn new() -> Self {
         Interner {
             ids: FxDashMap::default(),
             list: boxcar::Vec::new(),
         }
     }
 
-    fn intern(&self, v: T) -> u32 {
+    pub(super) fn intern(&self, v: T) -> u32 {
         if let Some(i) = self.ids.get(&v) {
             return *i;
         }
@@ -265,11 +379,11 @@ impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
             .or_insert_with(|| u32::try_from(self.list.push(v)).expect("fewer than 2^32 codes"))
     }
 
-    fn lookup(&self, v: &T) -> Option<u32> {
+    pub(super) fn lookup(&self, v: &T) -> Option<u32> {
         self.ids.get(v).map(|i| *i)
     }
 
-    fn get(&self, i: u32) -> T {
+    pub(super) fn get(&self, i: u32) -> T {
         // Indexes only come from `intern` of this table.
         self.list[i as usize]
     }
@@ -399,7 +513,7 @@ fn no_fp(channel: u32, no: &[u8]) -> u64 {
 /// the spill maps; no path holds an index shard while taking a chunk lock.
 pub struct AgreementStore {
     /// `id >> CHUNK_BITS` → chunk ordinal in `chunks`.
-    dir: FxDashMap<u64, u32>,
+    dir: Directory,
     chunks: boxcar::Vec<Chunk>,
     by_card: FpIndex,
     by_channel_no: FpIndex,
@@ -429,7 +543,7 @@ impl AgreementStore {
     /// An empty store; ids start at 1 (see [`AgreementStore::advance_ids_past`]).
     pub fn new() -> AgreementStore {
         AgreementStore {
-            dir: FxDashMap::default(),
+            dir: Directory::new(),
             chunks: boxcar::Vec::new(),
             by_card: FpIndex::new(),
             by_channel_no: FpIndex::new(),
@@ -492,8 +606,9 @@ impl AgreementStore {
         self.by_channel_no.reserve(agreements.saturating_mul(2));
     }
 
+    #[inline]
     fn slot_of(&self, id: u64) -> Option<u32> {
-        let ord = *self.dir.get(&(id >> CHUNK_BITS))?;
+        let ord = self.dir.get(id >> CHUNK_BITS)?;
         Some(ord << CHUNK_BITS | (id & CHUNK_MASK) as u32)
     }
 
@@ -503,7 +618,7 @@ impl AgreementStore {
             return s;
         }
         let key = id >> CHUNK_BITS;
-        let ord = *self.dir.entry(key).or_insert_with(|| {
+        let ord = self.dir.get_or_create(key, || {
             let ord = self.chunks.push(Chunk {
                 first_id: key << CHUNK_BITS,
                 slots: RwLock::new(vec![Packed::EMPTY; CHUNK].into_boxed_slice()),
@@ -913,6 +1028,33 @@ mod tests {
             want.channels[2] = None;
             assert_eq!(s.get(id).unwrap(), want);
         }
+    }
+
+    #[test]
+    fn sparse_ids_past_the_segment_table_still_found() {
+        let s = AgreementStore::new();
+        // One id per directory segment, more than the segment table takes, then ids at
+        // the top of the range and neighbours in segments and chunks already there.
+        let mut ids: Vec<u64> = (0..DIR_SEGMENTS_MAX as u64 + 40)
+            .map(|k| (k * 7919 + 3) << (SEG_BITS + CHUNK_BITS))
+            .collect();
+        ids.extend([u64::MAX - 1, u64::MAX - 300, 5, 6, 5 + 256, ids[3] + 1]);
+        for (n, &id) in ids.iter().enumerate() {
+            let mut a = agreement(id, "6222021234567890128", "CHA", &format!("A-{n}"));
+            a.card_hash[..8].copy_from_slice(&id.to_le_bytes());
+            assert_eq!(s.insert_exact(a), AgreementId(id));
+        }
+        assert!(s.dir.sparse_used.load(Ordering::Relaxed));
+        assert_eq!(s.len(), ids.len());
+        for (n, &id) in ids.iter().enumerate() {
+            let a = s.get(AgreementId(id)).unwrap();
+            assert_eq!(a.id, AgreementId(id));
+            let ca = a.channels[0].unwrap();
+            assert_eq!(ca.agreement_no.as_str(), format!("A-{n}"));
+            assert_eq!(s.find_by_card(&a.merchant, &a.card_hash), Some(a.id));
+            assert_eq!(s.get(AgreementId(id ^ 2)), None);
+        }
+        assert_eq!(s.peek_next_id(), u64::MAX);
     }
 
     /// A card hash whose fingerprint equals `base`'s (same first 8 bytes).
