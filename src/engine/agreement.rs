@@ -6,15 +6,15 @@
 //! Locks are never held across `.await` (the engine is synchronous).
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::RwLock;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
 
 use dashmap::DashMap;
 use ring::hmac;
 
 use crate::channel::message::AgreementNo;
 use crate::message::{AgreementId, AgreementState, BankCode, CardType, ChannelId};
-use crate::wire::field::Digits;
+use crate::wire::field::{Ascii, Digits, Field};
 use crate::wire::header::MerchantNo;
 
 /// A `DashMap` with the Fx hasher, for keys no outsider chooses (ids sluice issues,
@@ -163,6 +163,9 @@ impl Agreement {
     }
 }
 
+/// An agreement's channel agreements, as [`Agreement::channels`].
+type Channels = [Option<ChannelAgreement>; CHANNELS_PER_AGREEMENT_MAX];
+
 /// Agreements per chunk of the record arena: a chunk holds the ids
 /// `first_id .. first_id + CHUNK`, so 256 ids sluice handed out in a row share one chunk.
 const CHUNK_BITS: u32 = 8;
@@ -171,6 +174,8 @@ const CHUNK_MASK: u64 = CHUNK as u64 - 1;
 /// Bytes kept inline for the channel agreement numbers of one agreement: two numbers of
 /// the protocol's full width (32) always fit; a third that does not goes to the spill map.
 const NOS_INLINE: usize = 64;
+/// Width of a channel agreement number.
+const NO_WIDTH: usize = <AgreementNo as Field>::SIZE;
 
 const F_PRESENT: u8 = 1;
 const F_CANCELLED: u8 = 2;
@@ -233,10 +238,265 @@ fn state_from(c: u8) -> ChannelAgreementState {
     }
 }
 
-/// A chunk of the arena.
+impl Packed {
+    /// The record as the 16 words it is stored in (little-endian field bytes).
+    fn words(&self) -> Words {
+        let mut b = [0u8; 128];
+        b[0..16].copy_from_slice(&self.card_hash);
+        b[16..32].copy_from_slice(&self.id_hash);
+        b[32..36].copy_from_slice(&self.merchant.to_le_bytes());
+        b[36..40].copy_from_slice(&self.bank.to_le_bytes());
+        for (i, c) in self.channels.iter().enumerate() {
+            b[40 + 4 * i..44 + 4 * i].copy_from_slice(&c.to_le_bytes());
+        }
+        b[52..56].copy_from_slice(&self.last4);
+        b[56..120].copy_from_slice(&self.nos);
+        b[120..123].copy_from_slice(&self.lens);
+        b[123..126].copy_from_slice(&self.states);
+        b[126] = self.card_type;
+        b[127] = self.flags;
+        std::array::from_fn(|i| {
+            let mut w = [0u8; 8];
+            w.copy_from_slice(&b[8 * i..8 * i + 8]);
+            u64::from_le_bytes(w)
+        })
+    }
+
+    fn from_words(w: &Words) -> Packed {
+        let mut b = [0u8; 128];
+        for (i, w) in w.iter().enumerate() {
+            b[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        let u32_at = |at: usize| {
+            let mut v = [0u8; 4];
+            v.copy_from_slice(&b[at..at + 4]);
+            u32::from_le_bytes(v)
+        };
+        let mut p = Packed {
+            merchant: u32_at(32),
+            bank: u32_at(36),
+            channels: [u32_at(40), u32_at(44), u32_at(48)],
+            card_type: b[126],
+            flags: b[127],
+            ..Packed::EMPTY
+        };
+        p.card_hash.copy_from_slice(&b[0..16]);
+        p.id_hash.copy_from_slice(&b[16..32]);
+        p.last4.copy_from_slice(&b[52..56]);
+        p.nos.copy_from_slice(&b[56..120]);
+        p.lens.copy_from_slice(&b[120..123]);
+        p.states.copy_from_slice(&b[123..126]);
+        p
+    }
+}
+
+/// Words of one stored record.
+const WORDS: usize = 16;
+type Words = [u64; WORDS];
+
+/// The flags byte of a stored record (the last byte of [`Packed::words`]).
+fn flags_of(w: &Words) -> u8 {
+    (w[WORDS - 1] >> 56) as u8
+}
+
+/// One record slot: a [`Packed`] held in atomic words, so readers copy it without a
+/// lock (see [`Chunk`]). Aligned to 128 bytes: a record is exactly the two cache lines
+/// the adjacent-line prefetcher fetches together, never three.
+#[repr(align(128))]
+struct Slot([AtomicU64; WORDS]);
+
+/// A chunk of the arena: 256 record slots under one sequence lock.
+///
+/// Readers never write shared memory (a lock's read-modify-write costs a cache miss on
+/// the lock's line, serialises the CPU's memory accesses, and makes two reading threads
+/// fight over that line): they read `seq`, copy the record's words, and read `seq`
+/// again; an odd or changed sequence means a writer was inside, and they copy again.
+/// Writers hold `writer` (rare: upsert, update), make `seq` odd, store the words, and
+/// make it even again. All shared data is atomic, so a torn copy is only ever discarded,
+/// never undefined.
 struct Chunk {
     first_id: u64,
-    slots: RwLock<Box<[Packed]>>,
+    seq: AtomicU64,
+    writer: Mutex<()>,
+    slots: Box<[Slot]>,
+}
+
+impl Chunk {
+    fn new(first_id: u64) -> Chunk {
+        Chunk {
+            first_id,
+            seq: AtomicU64::new(0),
+            writer: Mutex::new(()),
+            slots: (0..CHUNK)
+                .map(|_| Slot(std::array::from_fn(|_| AtomicU64::new(0))))
+                .collect(),
+        }
+    }
+
+    /// Exclusive right to change this chunk's records.
+    fn lock(&self) -> MutexGuard<'_, ()> {
+        // Records change only inside `publish`, which cannot panic halfway; a poisoned
+        // lock still guards consistent records.
+        self.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A consistent copy of record `off`, plus `extra` read inside the same window (so
+    /// state a writer changes inside its window, such as the spill map, matches the copy).
+    #[inline]
+    fn read<X>(&self, off: usize, mut extra: impl FnMut(&Words) -> X) -> (Words, X) {
+        let slot = &self.slots[off].0;
+        let mut spins = 0u32;
+        loop {
+            let s1 = self.seq.load(Ordering::Acquire);
+            if s1 & 1 == 0 {
+                let w: Words = std::array::from_fn(|i| slot[i].load(Ordering::Relaxed));
+                let x = extra(&w);
+                fence(Ordering::Acquire);
+                if self.seq.load(Ordering::Relaxed) == s1 {
+                    return (w, x);
+                }
+            }
+            spins += 1;
+            if spins < 64 {
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Record `off` as its writer sees it (the caller holds `writer`, so it is stable).
+    fn current(&self, _held: &MutexGuard<'_, ()>, off: usize) -> Words {
+        let slot = &self.slots[off].0;
+        std::array::from_fn(|i| slot[i].load(Ordering::Relaxed))
+    }
+
+    /// Replace record `off` (the caller holds `writer`); `inside` runs inside the write
+    /// window, where readers discard what they copied.
+    fn publish(&self, _held: &MutexGuard<'_, ()>, off: usize, p: &Packed, inside: impl FnOnce()) {
+        let s = self.seq.load(Ordering::Relaxed);
+        self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
+        fence(Ordering::Release);
+        inside();
+        for (w, v) in self.slots[off].0.iter().zip(p.words()) {
+            w.store(v, Ordering::Relaxed);
+        }
+        self.seq.store(s.wrapping_add(2), Ordering::Release);
+    }
+}
+
+/// Chunks per directory segment: a segment maps 2^12 consecutive chunk numbers (1M ids).
+const SEG_BITS: u32 = 12;
+const SEG: usize = 1 << SEG_BITS;
+/// Segment table size (a power of two) and how many segments it takes before further
+/// ones go to the sparse map (keeps linear probing short and always terminating).
+const DIR_SLOTS: usize = 1024;
+const DIR_SEGMENTS_MAX: usize = DIR_SLOTS * 3 / 4;
+
+/// The directory entries of one run of [`SEG`] chunk numbers.
+struct Segment {
+    /// Chunk number >> SEG_BITS.
+    no: u64,
+    /// Chunk ordinal + 1 per chunk number; 0 = no chunk.
+    ords: Box<[AtomicU32]>,
+}
+
+/// Chunk number (`id >> CHUNK_BITS`) → chunk ordinal, readable without a lock.
+///
+/// Ids come in dense runs (one per start of the switch: each start continues from a
+/// time-based base), so the directory is a small open-addressing table of segments,
+/// each a flat array over 2^12 consecutive chunk numbers: a lookup is one or two probes
+/// and one array read, all plain loads. Entries and segments are only ever added (under
+/// `grow`), never removed. Ids from older, sparse data cost a 16 KiB segment each until
+/// the table holds [`DIR_SEGMENTS_MAX`] segments; chunk numbers after that go to a
+/// sparse map (slower, still exact).
+struct Directory {
+    table: Box<[OnceLock<Segment>]>,
+    segments: AtomicUsize,
+    sparse: FxDashMap<u64, u32>,
+    sparse_used: AtomicBool,
+    grow: Mutex<()>,
+}
+
+impl Directory {
+    fn new() -> Directory {
+        Directory {
+            table: (0..DIR_SLOTS).map(|_| OnceLock::new()).collect(),
+            segments: AtomicUsize::new(0),
+            sparse: FxDashMap::default(),
+            sparse_used: AtomicBool::new(false),
+            grow: Mutex::new(()),
+        }
+    }
+
+    fn home(no: u64) -> usize {
+        (no.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - DIR_SLOTS.trailing_zeros())) as usize
+    }
+
+    /// The segment holding chunk numbers `no << SEG_BITS ..`, if there is one.
+    fn segment(&self, no: u64) -> Option<&Segment> {
+        let mut h = Directory::home(no);
+        loop {
+            match self.table[h].get() {
+                Some(s) if s.no == no => return Some(s),
+                Some(_) => h = (h + 1) % DIR_SLOTS,
+                None => return None,
+            }
+        }
+    }
+
+    #[inline]
+    fn get(&self, key: u64) -> Option<u32> {
+        if let Some(s) = self.segment(key >> SEG_BITS) {
+            return s.ords[key as usize % SEG]
+                .load(Ordering::Acquire)
+                .checked_sub(1);
+        }
+        if self.sparse_used.load(Ordering::Acquire) {
+            return self.get_sparse(key);
+        }
+        None
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn get_sparse(&self, key: u64) -> Option<u32> {
+        self.sparse.get(&key).map(|o| *o)
+    }
+
+    /// The ordinal for `key`, calling `create` (which adds the chunk) when it has none.
+    fn get_or_create(&self, key: u64, create: impl FnOnce() -> u32) -> u32 {
+        let _g = self.grow.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(ord) = self.get(key) {
+            return ord;
+        }
+        let ord = create();
+        let no = key >> SEG_BITS;
+        let seg = match self.segment(no) {
+            Some(s) => Some(s),
+            None if self.segments.load(Ordering::Relaxed) < DIR_SEGMENTS_MAX => {
+                let mut h = Directory::home(no);
+                while self.table[h].get().is_some() {
+                    h = (h + 1) % DIR_SLOTS;
+                }
+                self.segments.fetch_add(1, Ordering::Relaxed);
+                Some(self.table[h].get_or_init(|| Segment {
+                    no,
+                    ords: (0..SEG).map(|_| AtomicU32::new(0)).collect(),
+                }))
+            }
+            // The table is full for good, so this segment never appears later.
+            None => None,
+        };
+        match seg {
+            Some(s) => s.ords[key as usize % SEG].store(ord + 1, Ordering::Release),
+            None => {
+                self.sparse_used.store(true, Ordering::Release);
+                self.sparse.insert(key, ord);
+            }
+        }
+        ord
+    }
 }
 
 /// Small append-only table of codes (merchants, banks, channels) so a record stores a
@@ -245,13 +505,21 @@ struct Chunk {
 pub(super) struct Interner<T> {
     ids: FxDashMap<T, u32>,
     list: boxcar::Vec<T>,
+    /// The first [`INTERN_FAST`] codes again, each set before its index is handed out:
+    /// a lookup by index on every read is one load and one check instead of boxcar's
+    /// bucket arithmetic.
+    first: Box<[OnceLock<T>]>,
 }
+
+/// Codes per intern table with the fast lookup (merchants, banks, channels are fewer).
+const INTERN_FAST: usize = 256;
 
 impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
     pub(super) fn new() -> Self {
         Interner {
             ids: FxDashMap::default(),
             list: boxcar::Vec::new(),
+            first: (0..INTERN_FAST).map(|_| OnceLock::new()).collect(),
         }
     }
 
@@ -259,10 +527,13 @@ impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
         if let Some(i) = self.ids.get(&v) {
             return *i;
         }
-        *self
-            .ids
-            .entry(v)
-            .or_insert_with(|| u32::try_from(self.list.push(v)).expect("fewer than 2^32 codes"))
+        *self.ids.entry(v).or_insert_with(|| {
+            let i = self.list.push(v);
+            if let Some(f) = self.first.get(i) {
+                let _ = f.set(v);
+            }
+            u32::try_from(i).expect("fewer than 2^32 codes")
+        })
     }
 
     pub(super) fn lookup(&self, v: &T) -> Option<u32> {
@@ -271,7 +542,10 @@ impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
 
     pub(super) fn get(&self, i: u32) -> T {
         // Indexes only come from `intern` of this table.
-        self.list[i as usize]
+        match self.first.get(i as usize).and_then(OnceLock::get) {
+            Some(v) => *v,
+            None => self.list[i as usize],
+        }
     }
 }
 
@@ -388,18 +662,20 @@ fn no_fp(channel: u32, no: &[u8]) -> u64 {
 ///
 /// Layout (issue 7: 10M agreements in ≤ 2 GiB, lookup ≤ 200 ns): records live in an
 /// arena of fixed-size chunks, one chunk per run of 256 consecutive ids (ids come from
-/// [`AgreementStore::next_id`], so they are dense); a lookup by id is one small directory
-/// probe and one read of a 128-byte record under its chunk's lock. The two secondary
+/// [`AgreementStore::next_id`], so they are dense); a lookup by id is one probe of a
+/// lock-free directory ([`Directory`]) and one copy of a 128-byte record under its
+/// chunk's sequence lock ([`Chunk`]), which readers never write to. The two secondary
 /// indexes map a 64-bit fingerprint to a 32-bit slot number (12 bytes an entry), and the
 /// record is checked on every hit, so a fingerprint collision costs a spill-map entry,
 /// never a wrong answer.
 ///
 /// Concurrency: a record is written before any index points at it, so a reader that
-/// finds a slot in an index finds the record. Lock order: chunk, then intern tables or
-/// the spill maps; no path holds an index shard while taking a chunk lock.
+/// finds a slot in an index finds the record. Lock order: chunk (writer lock), then
+/// intern tables or the spill maps; no path holds an index shard while taking a chunk
+/// lock. Readers take no chunk lock at all.
 pub struct AgreementStore {
     /// `id >> CHUNK_BITS` → chunk ordinal in `chunks`.
-    dir: FxDashMap<u64, u32>,
+    dir: Directory,
     chunks: boxcar::Vec<Chunk>,
     by_card: FpIndex,
     by_channel_no: FpIndex,
@@ -429,7 +705,7 @@ impl AgreementStore {
     /// An empty store; ids start at 1 (see [`AgreementStore::advance_ids_past`]).
     pub fn new() -> AgreementStore {
         AgreementStore {
-            dir: FxDashMap::default(),
+            dir: Directory::new(),
             chunks: boxcar::Vec::new(),
             by_card: FpIndex::new(),
             by_channel_no: FpIndex::new(),
@@ -492,8 +768,9 @@ impl AgreementStore {
         self.by_channel_no.reserve(agreements.saturating_mul(2));
     }
 
+    #[inline]
     fn slot_of(&self, id: u64) -> Option<u32> {
-        let ord = *self.dir.get(&(id >> CHUNK_BITS))?;
+        let ord = self.dir.get(id >> CHUNK_BITS)?;
         Some(ord << CHUNK_BITS | (id & CHUNK_MASK) as u32)
     }
 
@@ -503,11 +780,8 @@ impl AgreementStore {
             return s;
         }
         let key = id >> CHUNK_BITS;
-        let ord = *self.dir.entry(key).or_insert_with(|| {
-            let ord = self.chunks.push(Chunk {
-                first_id: key << CHUNK_BITS,
-                slots: RwLock::new(vec![Packed::EMPTY; CHUNK].into_boxed_slice()),
-            });
+        let ord = self.dir.get_or_create(key, || {
+            let ord = self.chunks.push(Chunk::new(key << CHUNK_BITS));
             assert!(
                 ord < 1 << (32 - CHUNK_BITS),
                 "agreement arena full (2^24 chunks)"
@@ -517,6 +791,7 @@ impl AgreementStore {
         ord << CHUNK_BITS | (id & CHUNK_MASK) as u32
     }
 
+    #[inline]
     fn chunk(&self, slot: u32) -> &Chunk {
         // Slots only come from `slot_of`/`slot_for_new`, whose chunk exists.
         &self.chunks[(slot >> CHUNK_BITS) as usize]
@@ -526,14 +801,118 @@ impl AgreementStore {
         self.chunk(slot).first_id + u64::from(slot) % CHUNK as u64
     }
 
-    /// Run `f` on the record in `slot` if one is there.
+    /// Run `f` on a consistent copy of the record in `slot` if one is there.
     fn with<R>(&self, slot: u32, f: impl FnOnce(&Packed) -> R) -> Option<R> {
-        let g = read(&self.chunk(slot).slots);
-        let p = &g[slot as usize % CHUNK];
-        p.present().then(|| f(p))
+        let (w, ()) = self.chunk(slot).read(slot as usize % CHUNK, |_| ());
+        let p = Packed::from_words(&w);
+        p.present().then(|| f(&p))
     }
 
-    fn pack(&self, a: &Agreement, slot: u32) -> Packed {
+    /// A consistent copy of the words in `slot`, with its spilled channel agreements if
+    /// it has any. Those are read inside the record's read window: a writer changes the
+    /// spill map inside its write window, so the two always match.
+    fn load(&self, slot: u32) -> (Words, Option<Channels>) {
+        self.chunk(slot).read(slot as usize % CHUNK, |w| {
+            (flags_of(w) & F_SPILLED != 0)
+                .then(|| self.spilled.get(&slot).map(|c| *c).unwrap_or_default())
+        })
+    }
+
+    /// The agreement `id` from its record's words (see [`Packed::words`]), if present.
+    /// Straight from the words, without a [`Packed`] in between: a lookup's cost past the
+    /// record's cache miss is these few moves, and the fewer there are, the sooner the
+    /// CPU can start the next lookup's miss.
+    #[inline(always)]
+    fn decode(&self, id: u64, w: &Words, spilled: Option<Channels>) -> Option<Agreement> {
+        let tail = w[15].to_le_bytes();
+        let flags = tail[7];
+        if flags & F_PRESENT == 0 {
+            return None;
+        }
+        let hash = |a: u64, b: u64| {
+            let mut h = [0u8; 16];
+            h[..8].copy_from_slice(&a.to_le_bytes());
+            h[8..].copy_from_slice(&b.to_le_bytes());
+            h
+        };
+        let last4 = ((w[6] >> 32) as u32).to_le_bytes();
+        // Stored zero-padded from valid digits: the length is the count of non-zero bytes.
+        let last4_len = (32 - u32::from_le_bytes(last4).leading_zeros()).div_ceil(8);
+        let mut a = Agreement {
+            id: AgreementId(id),
+            merchant: self.merchants.get(w[4] as u32),
+            card_hash: hash(w[0], w[1]),
+            id_hash: hash(w[2], w[3]),
+            // Stored from a valid value.
+            card_last4: Digits::from_stored(&last4, last4_len as usize),
+            bank: self.banks.get((w[4] >> 32) as u32),
+            card_type: CardType::from_u8(tail[6]).expect("stored card type"),
+            cancelled: flags & F_CANCELLED != 0,
+            channels: [None; CHANNELS_PER_AGREEMENT_MAX],
+        };
+        match spilled {
+            Some(c) => a.channels = c,
+            None => self.inline_channels(w, &mut a.channels),
+        }
+        Some(a)
+    }
+
+    /// The channel agreements kept inline in a record's words (not spilled).
+    #[inline(always)]
+    fn inline_channels(&self, w: &Words, out: &mut Channels) {
+        let tail = w[15].to_le_bytes();
+        let codes = [w[5] as u32, (w[5] >> 32) as u32, w[6] as u32];
+        // The numbers are back to back in words 7..15; each is rebuilt from a fixed
+        // 32-byte window at its offset (a move, no scan), so the window may run past them.
+        let mut nos = [0u8; NOS_INLINE + NO_WIDTH];
+        for (i, w) in w[7..15].iter().enumerate() {
+            nos[8 * i..8 * i + 8].copy_from_slice(&w.to_le_bytes());
+        }
+        let mut at = 0;
+        for (i, o) in out.iter_mut().enumerate() {
+            if codes[i] == 0 {
+                *o = None;
+                continue;
+            }
+            let len = usize::from(tail[i]);
+            let from = at.min(NOS_INLINE);
+            let mut window = [0u8; NO_WIDTH];
+            window.copy_from_slice(&nos[from..from + NO_WIDTH]);
+            at += len;
+            *o = Some(ChannelAgreement {
+                channel: self.channel_codes.get(codes[i] - 1),
+                // Stored from a valid AgreementNo.
+                agreement_no: AgreementNo(Ascii::from_stored(&window, len)),
+                state: state_from(tail[3 + i]),
+            });
+        }
+    }
+
+    /// Replace the record in `slot` (the caller holds its chunk's writer lock; `was` is
+    /// the record there now), updating the spill map inside the write window.
+    fn publish(
+        &self,
+        held: &MutexGuard<'_, ()>,
+        slot: u32,
+        was: &Words,
+        new: &Packed,
+        spill: Option<Channels>,
+    ) {
+        self.chunk(slot)
+            .publish(held, slot as usize % CHUNK, new, || match spill {
+                Some(c) => {
+                    self.spilled.insert(slot, c);
+                }
+                None if flags_of(was) & F_SPILLED != 0 => {
+                    self.spilled.remove(&slot);
+                }
+                None => {}
+            });
+    }
+
+    /// The record for `a`, and its channel agreements when they do not fit inline (they
+    /// go to the spill map when the record is published).
+    fn pack(&self, a: &Agreement) -> (Packed, Option<Channels>) {
         let mut p = Packed {
             card_hash: a.card_hash,
             id_hash: a.id_hash,
@@ -562,63 +941,29 @@ impl AgreementStore {
                     at += no.len();
                 }
             }
-            self.spilled.remove(&slot);
+            (p, None)
         } else {
             p.flags |= F_SPILLED;
-            self.spilled.insert(slot, a.channels);
-        }
-        p
-    }
-
-    fn channels_of(
-        &self,
-        p: &Packed,
-        slot: u32,
-    ) -> [Option<ChannelAgreement>; CHANNELS_PER_AGREEMENT_MAX] {
-        if p.flags & F_SPILLED != 0 {
-            return self.spilled.get(&slot).map(|c| *c).unwrap_or_default();
-        }
-        let mut out = [None; CHANNELS_PER_AGREEMENT_MAX];
-        let mut at = 0;
-        for (i, o) in out.iter_mut().enumerate() {
-            if p.channels[i] == 0 {
-                continue;
-            }
-            let no = &p.nos[at..at + p.lens[i] as usize];
-            at += no.len();
-            *o = Some(ChannelAgreement {
-                channel: self.channel_codes.get(p.channels[i] - 1),
-                // Stored from a valid AgreementNo.
-                agreement_no: AgreementNo::new(std::str::from_utf8(no).unwrap_or(""))
-                    .expect("stored agreement number"),
-                state: state_from(p.states[i]),
-            });
-        }
-        out
-    }
-
-    fn unpack(&self, id: u64, slot: u32, p: &Packed) -> Agreement {
-        let last4_len = p.last4.iter().position(|&b| b == 0).unwrap_or(4);
-        Agreement {
-            id: AgreementId(id),
-            merchant: self.merchants.get(p.merchant),
-            card_hash: p.card_hash,
-            id_hash: p.id_hash,
-            // Stored from valid values.
-            card_last4: Digits::new(std::str::from_utf8(&p.last4[..last4_len]).unwrap_or(""))
-                .expect("stored last four digits"),
-            bank: self.banks.get(p.bank),
-            card_type: CardType::from_u8(p.card_type).expect("stored card type"),
-            cancelled: p.flags & F_CANCELLED != 0,
-            channels: self.channels_of(p, slot),
+            (p, Some(a.channels))
         }
     }
 
     /// A copy of an agreement.
     pub fn get(&self, id: AgreementId) -> Option<Agreement> {
         let slot = self.slot_of(id.0)?;
-        let p = self.with(slot, |p| *p)?;
-        Some(self.unpack(id.0, slot, &p))
+        let (w, ()) = self.chunk(slot).read(slot as usize % CHUNK, |_| ());
+        if flags_of(&w) & F_SPILLED != 0 {
+            return self.get_spilled(id.0, slot);
+        }
+        self.decode(id.0, &w, None)
+    }
+
+    /// [`AgreementStore::get`] of a record whose channel agreements are in the spill map.
+    #[cold]
+    #[inline(never)]
+    fn get_spilled(&self, id: u64, slot: u32) -> Option<Agreement> {
+        let (w, spilled) = self.load(slot);
+        self.decode(id, &w, spilled)
     }
 
     /// The slot holding (merchant, card): the spill map first (exact keys, latest
@@ -649,12 +994,18 @@ impl AgreementStore {
 
     fn has_no(&self, slot: u32, channel: u32, no: &AgreementNo) -> bool {
         let code = self.channel_codes.get(channel);
-        self.with(slot, |p| {
-            self.channels_of(p, slot)
+        let (w, spilled) = self.load(slot);
+        (flags_of(&w) & F_PRESENT != 0) && {
+            let channels = spilled.unwrap_or_else(|| {
+                let mut c = [None; CHANNELS_PER_AGREEMENT_MAX];
+                self.inline_channels(&w, &mut c);
+                c
+            });
+            channels
                 .iter()
                 .flatten()
                 .any(|c| c.channel == code && &c.agreement_no == no)
-        }) == Some(true)
+        }
     }
 
     /// The agreement behind a channel agreement number: the spill map first (exact keys,
@@ -713,15 +1064,16 @@ impl AgreementStore {
         if let Some(slot) = self.card_slot(m, &a.card_hash) {
             let id = self.id_of(slot);
             let merged = {
-                let mut g = write(&self.chunk(slot).slots);
-                let p = &mut g[slot as usize % CHUNK];
-                p.present().then(|| {
-                    let mut cur = self.unpack(id, slot, p);
+                let chunk = self.chunk(slot);
+                let g = chunk.lock();
+                let (was, spilled) = self.load(slot);
+                self.decode(id, &was, spilled).map(|mut cur| {
                     for ca in a.channels.iter().flatten() {
                         cur.add_channel(*ca);
                     }
                     cur.cancelled = false;
-                    *p = self.pack(&cur, slot);
+                    let (p, spill) = self.pack(&cur);
+                    self.publish(&g, slot, &was, &p, spill);
                 })
             };
             if merged.is_some() {
@@ -747,12 +1099,12 @@ impl AgreementStore {
         self.advance_ids_past(id.0);
         let slot = self.slot_for_new(id.0);
         let was_present = {
-            let packed = self.pack(&a, slot);
-            let mut g = write(&self.chunk(slot).slots);
-            let p = &mut g[slot as usize % CHUNK];
-            let was = p.present();
-            *p = packed;
-            was
+            let (packed, spill) = self.pack(&a);
+            let chunk = self.chunk(slot);
+            let g = chunk.lock();
+            let was = chunk.current(&g, slot as usize % CHUNK);
+            self.publish(&g, slot, &was, &packed, spill);
+            flags_of(&was) & F_PRESENT != 0
         };
         if !was_present {
             self.len.fetch_add(1, Ordering::Relaxed);
@@ -764,15 +1116,15 @@ impl AgreementStore {
         id
     }
 
-    /// Visit every agreement (journal snapshots). Holds one chunk's read lock at a time;
-    /// `f` must not touch the store.
+    /// Visit every agreement (journal snapshots). Each is a consistent copy; no lock is
+    /// held while `f` runs.
     pub fn for_each(&self, mut f: impl FnMut(&Agreement)) {
         for (ord, chunk) in self.chunks.iter() {
-            let g = read(&chunk.slots);
-            for (off, p) in g.iter().enumerate() {
-                if p.present() {
-                    let slot = (ord << CHUNK_BITS | off) as u32;
-                    f(&self.unpack(chunk.first_id + off as u64, slot, p));
+            for off in 0..CHUNK {
+                let slot = (ord << CHUNK_BITS | off) as u32;
+                let (w, spilled) = self.load(slot);
+                if let Some(a) = self.decode(chunk.first_id + off as u64, &w, spilled) {
+                    f(&a);
                 }
             }
         }
@@ -783,16 +1135,15 @@ impl AgreementStore {
     pub fn update<R>(&self, id: AgreementId, f: impl FnOnce(&mut Agreement) -> R) -> Option<R> {
         let slot = self.slot_of(id.0)?;
         let (r, before, after) = {
-            let mut g = write(&self.chunk(slot).slots);
-            let p = &mut g[slot as usize % CHUNK];
-            if !p.present() {
-                return None;
-            }
-            let mut a = self.unpack(id.0, slot, p);
+            let chunk = self.chunk(slot);
+            let g = chunk.lock();
+            let (was, spilled) = self.load(slot);
+            let mut a = self.decode(id.0, &was, spilled)?;
             let before = a.clone();
             let r = f(&mut a);
             a.id = id;
-            *p = self.pack(&a, slot);
+            let (p, spill) = self.pack(&a);
+            self.publish(&g, slot, &was, &p, spill);
             (r, before, a)
         };
         for ca in after.channels.iter().flatten() {
@@ -876,7 +1227,132 @@ mod tests {
     #[test]
     fn record_is_128_bytes() {
         assert_eq!(std::mem::size_of::<Packed>(), 128);
+        assert_eq!(std::mem::size_of::<Slot>(), 128);
+        assert_eq!(std::mem::align_of::<Slot>(), 128);
         assert_eq!(std::mem::size_of::<(Fp, u32)>(), 12);
+    }
+
+    #[test]
+    fn sparse_ids_past_the_segment_table_still_found() {
+        let s = AgreementStore::new();
+        // One id per directory segment, more than the segment table takes, then ids at
+        // the top of the range and neighbours in segments and chunks already there.
+        let mut ids: Vec<u64> = (0..DIR_SEGMENTS_MAX as u64 + 40)
+            .map(|k| (k * 7919 + 3) << (SEG_BITS + CHUNK_BITS))
+            .collect();
+        ids.extend([u64::MAX - 1, u64::MAX - 300, 5, 6, 5 + 256, ids[3] + 1]);
+        for (n, &id) in ids.iter().enumerate() {
+            let mut a = agreement(id, "6222021234567890128", "CHA", &format!("A-{n}"));
+            a.card_hash[..8].copy_from_slice(&id.to_le_bytes());
+            assert_eq!(s.insert_exact(a), AgreementId(id));
+        }
+        assert!(s.dir.sparse_used.load(Ordering::Relaxed));
+        assert_eq!(s.len(), ids.len());
+        for (n, &id) in ids.iter().enumerate() {
+            let a = s.get(AgreementId(id)).unwrap();
+            assert_eq!(a.id, AgreementId(id));
+            let ca = a.channels[0].unwrap();
+            assert_eq!(ca.agreement_no.as_str(), format!("A-{n}"));
+            assert_eq!(s.find_by_card(&a.merchant, &a.card_hash), Some(a.id));
+            assert_eq!(s.get(AgreementId(id ^ 2)), None);
+        }
+        assert_eq!(s.peek_next_id(), u64::MAX);
+    }
+
+    #[test]
+    fn record_words_round_trip() {
+        let s = AgreementStore::new();
+        let mut a = agreement(1, "6222021234567890128", "CHA", "A-1");
+        a.cancelled = true;
+        a.channels[1] = Some(ChannelAgreement {
+            channel: ChannelId::new("CHB").unwrap(),
+            agreement_no: AgreementNo::new("B-22").unwrap(),
+            state: ChannelAgreementState::Revoked,
+        });
+        let (p, spill) = s.pack(&a);
+        assert!(spill.is_none());
+        let q = Packed::from_words(&p.words());
+        assert_eq!(q.words(), p.words());
+        assert_eq!(q.card_hash, a.card_hash);
+        assert_eq!(s.decode(1, &p.words(), None), Some(a));
+    }
+
+    /// The version `k` of one agreement: every field a reader can see says `k`, and every
+    /// third version has three full-width numbers, so the channels spill.
+    fn version(base: &Agreement, k: u64) -> Agreement {
+        let mut a = base.clone();
+        a.id_hash = [k as u8; 16];
+        a.id_hash[..8].copy_from_slice(&k.to_le_bytes());
+        a.card_last4 = Digits::new(&format!("{:04}", k % 10_000)).unwrap();
+        a.cancelled = k % 2 == 1;
+        let width = if k % 3 == 0 { 31 } else { 8 };
+        for (i, (slot, ch)) in a.channels.iter_mut().zip(["CHA", "CHB", "CHC"]).enumerate() {
+            *slot = Some(ChannelAgreement {
+                channel: ChannelId::new(ch).unwrap(),
+                agreement_no: AgreementNo::new(&format!("{i}{k:0>width$}")).unwrap(),
+                state: ChannelAgreementState::Active,
+            });
+        }
+        a
+    }
+
+    #[test]
+    fn readers_never_see_a_torn_record() {
+        let s = AgreementStore::new();
+        let base = agreement(0, "6222021234567890128", "CHA", "A-0");
+        // Two agreements in one chunk, one in another: writers rewrite the first and
+        // third, readers read all three.
+        let ids: Vec<AgreementId> = (0..3)
+            .map(|i| {
+                let mut a = version(&base, 0);
+                a.id = AgreementId(if i == 2 { 1000 } else { 10 + i });
+                a.card_hash[0] = i as u8;
+                s.upsert(a)
+            })
+            .collect();
+        const WRITES: u64 = 3_000;
+        let done = AtomicBool::new(false);
+        let (s, ids, base, done) = (&s, &ids, &base, &done);
+        std::thread::scope(|sc| {
+            let reader = sc.spawn(move || {
+                let mut reads = 0u64;
+                while !done.load(Ordering::Relaxed) || reads < 1000 {
+                    for &id in ids {
+                        let got = s.get(id).unwrap();
+                        let mut k = [0u8; 8];
+                        k.copy_from_slice(&got.id_hash[..8]);
+                        let mut want = version(base, u64::from_le_bytes(k));
+                        want.id = id;
+                        want.card_hash = got.card_hash;
+                        assert_eq!(got, want, "a torn record");
+                        reads += 1;
+                    }
+                }
+            });
+            let writers: Vec<_> = [ids[0], ids[2]]
+                .into_iter()
+                .map(|id| {
+                    sc.spawn(move || {
+                        for k in 1..=WRITES {
+                            s.update(id, |a| {
+                                let card = a.card_hash;
+                                *a = version(base, k);
+                                a.card_hash = card;
+                            })
+                            .unwrap();
+                        }
+                    })
+                })
+                .collect();
+            for w in writers {
+                w.join().unwrap();
+            }
+            done.store(true, Ordering::Relaxed);
+            reader.join().unwrap();
+        });
+        for id in [ids[0], ids[2]] {
+            assert_eq!(s.get(id).unwrap().id_hash[..8], WRITES.to_le_bytes());
+        }
     }
 
     #[test]

@@ -116,6 +116,18 @@ fn padded_len(src: &[u8]) -> Result<usize, FieldProblem> {
     Ok(len)
 }
 
+/// 256 bytes of 0xFF, then 256 zero bytes: `KEEP_FIRST[256 - len..][..N]` is a mask
+/// that keeps the first `len` bytes of an `N`-byte window (`len <= N < 256`).
+static KEEP_FIRST: [u8; 512] = {
+    let mut t = [0u8; 512];
+    let mut i = 0;
+    while i < 256 {
+        t[i] = 0xFF;
+        i += 1;
+    }
+    t
+};
+
 /// Inline storage for a zero-padded text value of at most `N` bytes.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 struct Inline<const N: usize> {
@@ -176,6 +188,29 @@ macro_rules! text_type {
                 let check: fn(&[u8]) -> Result<(), FieldProblem> = $check;
                 check(inline.as_bytes())?;
                 Ok($name(inline))
+            }
+
+            /// Rebuild a value from the bytes of one this type's constructor accepted
+            /// earlier: the first `len` bytes of `window` (the rest is ignored). For
+            /// sluice's compact stores, which keep only those bytes and read them back on
+            /// every lookup: the character check they passed once is not repeated, and
+            /// the copy is a fixed-size move, not a scan. `len` is cut to the width.
+            // Not every text type is kept in a compact store.
+            #[allow(dead_code)]
+            pub(crate) fn from_stored(window: &[u8; N], len: usize) -> Self {
+                let len = len.min(N);
+                let mut bytes = *window;
+                // Byte j of the mask is 0xFF for j < len: one AND per vector, no branch.
+                let mask = &KEEP_FIRST[256 - len..256 - len + N];
+                for (b, m) in bytes.iter_mut().zip(mask) {
+                    *b &= m;
+                }
+                let check: fn(&[u8]) -> Result<(), FieldProblem> = $check;
+                debug_assert!(check(&bytes[..len]).is_ok() && !bytes[..len].contains(&0));
+                $name(Inline {
+                    bytes,
+                    len: len as u8,
+                })
             }
 
             /// The value without padding.
