@@ -101,7 +101,7 @@ impl Engine {
             self.by_ref.insert(a.order_ref, o.key);
         }
         self.settled.remove(&o.key);
-        self.orders.insert(o.key, o);
+        self.orders.insert(o.key, Box::new(o));
     }
 
     /// Put back an unacknowledged notification; it is re-sent from `now_ms` on.
@@ -161,7 +161,7 @@ impl Engine {
                 // A settled order is final: its acceptance replayed again changes nothing.
                 if !self.settled.contains_key(&key) {
                     self.orders.entry(key).or_insert_with(|| {
-                        Order::new(key, kind, amount, purpose, Vec::new(), at_ms)
+                        Box::new(Order::new(key, kind, amount, purpose, Vec::new(), at_ms))
                     });
                 }
             }
