@@ -214,6 +214,25 @@ impl Switch {
         });
     }
 
+    /// Run `f` every `period` until shutdown, as a tracked task.
+    pub fn every<F, Fut>(self: &Arc<Self>, period: Duration, mut f: F)
+    where
+        F: FnMut(Arc<Switch>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
+        let sw = self.clone();
+        self.tracker.spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tokio::select! {
+                    _ = sw.shutdown.cancelled() => return,
+                    _ = tick.tick() => {}
+                }
+                f(sw.clone()).await;
+            }
+        });
+    }
+
     /// Start the background loops: notification re-sends, and the channels' unsolicited
     /// frames (channel, frame, acknowledgement to send once the frame's effects are
     /// durable).
@@ -221,40 +240,24 @@ impl Switch {
         self: &Arc<Self>,
         mut unsolicited: mpsc::Receiver<(ChannelId, ch::Message, Option<crate::upstream::Ack>)>,
     ) {
-        let sw = self.clone();
-        self.tracker.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = sw.shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let now = now_ms();
-                for n in sw
-                    .engine
-                    .notifications_due(now, limits::NOTIFY_RESEND_PER_TICK_MAX)
-                {
-                    sw.hub.deliver(&n, now);
-                }
+        self.every(Duration::from_secs(1), |sw| async move {
+            let now = now_ms();
+            for n in sw
+                .engine
+                .notifications_due(now, limits::NOTIFY_RESEND_PER_TICK_MAX)
+            {
+                sw.hub.deliver(&n, now);
             }
         });
         // Final orders past their detail window move to their compact form, on a
         // blocking thread: a second's worth of orders at saturation is tens of ms of work,
         // which must not sit on a session worker.
-        let sw = self.clone();
-        self.tracker.spawn(async move {
-            let mut tick = tokio::time::interval(Duration::from_secs(1));
-            loop {
-                tokio::select! {
-                    _ = sw.shutdown.cancelled() => return,
-                    _ = tick.tick() => {}
-                }
-                let engine = sw.engine.clone();
-                let moved = tokio::task::spawn_blocking(move || engine.settle_due(now_ms())).await;
-                if let Ok(n) = moved {
-                    if n > 0 {
-                        tracing::trace!(orders = n, "final orders settled");
-                    }
+        self.every(Duration::from_secs(1), |sw| async move {
+            let engine = sw.engine.clone();
+            let moved = tokio::task::spawn_blocking(move || engine.settle_due(now_ms())).await;
+            if let Ok(n) = moved {
+                if n > 0 {
+                    tracing::trace!(orders = n, "final orders settled");
                 }
             }
         });

@@ -147,24 +147,17 @@ impl Running {
 /// Every 5 s: hand each pool's logged-on connections and drop count (kept by its echo
 /// heartbeats) to channel health, and forget per-card counters of past days.
 fn observe_pools(switch: &Arc<Switch>, pools: &HashMap<ChannelId, ChannelPool>) {
-    let sw = switch.clone();
     let pools: Vec<(ChannelId, ChannelPool)> =
         pools.iter().map(|(id, p)| (*id, p.clone())).collect();
-    switch.tracker.spawn(async move {
-        let mut tick = tokio::time::interval(Duration::from_secs(5));
-        loop {
-            tokio::select! {
-                _ = sw.shutdown.cancelled() => return,
-                _ = tick.tick() => {}
-            }
-            for (id, p) in &pools {
-                let s = p.stats();
-                sw.engine
-                    .health()
-                    .observe_pool(id, s.connections_ready, s.disconnects);
-            }
-            sw.engine.prune_limits(now_ms());
+    switch.every(Duration::from_secs(5), move |sw| {
+        for (id, p) in &pools {
+            let s = p.stats();
+            sw.engine
+                .health()
+                .observe_pool(id, s.connections_ready, s.disconnects);
         }
+        sw.engine.prune_limits(now_ms());
+        std::future::ready(())
     });
 }
 

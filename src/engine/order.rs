@@ -64,6 +64,40 @@ pub enum AttemptOutcome {
 }
 
 impl AttemptOutcome {
+    /// The stored form (journal, snapshots, settled records): a tag and, for the
+    /// outcomes that carry one, the channel's code.
+    pub fn tag(self) -> (u8, Option<RspCode>) {
+        match self {
+            AttemptOutcome::InFlight => (0, None),
+            AttemptOutcome::NotSent => (1, None),
+            AttemptOutcome::NotProcessed(c) => (2, Some(c)),
+            AttemptOutcome::Declined(c) => (3, Some(c)),
+            AttemptOutcome::Success(c) => (4, Some(c)),
+            AttemptOutcome::Processing(c) => (5, Some(c)),
+            AttemptOutcome::Unknown => (6, None),
+        }
+    }
+
+    /// True when the outcome stored with `tag` carries a code.
+    pub fn tag_has_code(tag: u8) -> bool {
+        (2..=5).contains(&tag)
+    }
+
+    /// Back from [`AttemptOutcome::tag`] (`code` is ignored by the tags without one);
+    /// `None` for an unknown tag.
+    pub fn from_tag(tag: u8, code: RspCode) -> Option<AttemptOutcome> {
+        Some(match tag {
+            0 => AttemptOutcome::InFlight,
+            1 => AttemptOutcome::NotSent,
+            2 => AttemptOutcome::NotProcessed(code),
+            3 => AttemptOutcome::Declined(code),
+            4 => AttemptOutcome::Success(code),
+            5 => AttemptOutcome::Processing(code),
+            6 => AttemptOutcome::Unknown,
+            _ => return None,
+        })
+    }
+
     /// True when this attempt certainly did not move money and never will.
     pub fn definitively_not_processed(self) -> bool {
         matches!(

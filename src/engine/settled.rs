@@ -220,32 +220,6 @@ fn u64_at(r: &Rec, at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
-fn outcome_tag(o: AttemptOutcome) -> (u8, Option<RspCode>) {
-    match o {
-        AttemptOutcome::InFlight => (0, None),
-        AttemptOutcome::NotSent => (1, None),
-        AttemptOutcome::NotProcessed(c) => (2, Some(c)),
-        AttemptOutcome::Declined(c) => (3, Some(c)),
-        AttemptOutcome::Success(c) => (4, Some(c)),
-        AttemptOutcome::Processing(c) => (5, Some(c)),
-        AttemptOutcome::Unknown => (6, None),
-    }
-}
-
-fn outcome_of(tag: u8, code: &str) -> Option<AttemptOutcome> {
-    let c = || RspCode(Ascii::new(code).unwrap_or_default());
-    Some(match tag {
-        0 => AttemptOutcome::InFlight,
-        1 => AttemptOutcome::NotSent,
-        2 => AttemptOutcome::NotProcessed(c()),
-        3 => AttemptOutcome::Declined(c()),
-        4 => AttemptOutcome::Success(c()),
-        5 => AttemptOutcome::Processing(c()),
-        6 => AttemptOutcome::Unknown,
-        _ => return None,
-    })
-}
-
 impl SettledStore {
     pub(crate) fn new() -> SettledStore {
         SettledStore {
@@ -309,7 +283,7 @@ impl SettledStore {
                 fits &= ch < u32::from(NO_CHANNEL) && a.sent_at_ms == s.accepted_at_ms;
                 r[88..90].copy_from_slice(&(ch.min(u32::from(NO_CHANNEL)) as u16).to_le_bytes());
                 put_text(&mut r[90..122], a.order_ref.as_str().as_bytes());
-                let (tag, code) = outcome_tag(a.outcome);
+                let (tag, code) = a.outcome.tag();
                 r[122] = tag;
                 if let Some(c) = code {
                     put_text(&mut r[123..127], c.0.as_str().as_bytes());
@@ -351,7 +325,10 @@ impl SettledStore {
                 channel: self.channels.get(u32::from(ch)),
                 order_ref: OrderRef::new(text(&r[90..122])).ok()?,
                 sent_at_ms: accepted_at_ms,
-                outcome: outcome_of(r[122], text(&r[123..127]))?,
+                outcome: AttemptOutcome::from_tag(
+                    r[122],
+                    RspCode(Ascii::new(text(&r[123..127])).unwrap_or_default()),
+                )?,
             });
         }
         Some(Settled {

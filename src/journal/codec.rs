@@ -186,15 +186,7 @@ fn get_kind(d: &mut Dec) -> Result<OrderKind, DecodeError> {
 }
 
 fn put_attempt_outcome(e: &mut Enc, o: &AttemptOutcome) {
-    let (tag, code) = match o {
-        AttemptOutcome::InFlight => (0, None),
-        AttemptOutcome::NotSent => (1, None),
-        AttemptOutcome::NotProcessed(c) => (2, Some(c)),
-        AttemptOutcome::Declined(c) => (3, Some(c)),
-        AttemptOutcome::Success(c) => (4, Some(c)),
-        AttemptOutcome::Processing(c) => (5, Some(c)),
-        AttemptOutcome::Unknown => (6, None),
-    };
+    let (tag, code) = o.tag();
     e.u8(tag);
     if let Some(c) = code {
         e.str(c.0.as_bytes());
@@ -202,20 +194,15 @@ fn put_attempt_outcome(e: &mut Enc, o: &AttemptOutcome) {
 }
 
 fn get_attempt_outcome(d: &mut Dec) -> Result<AttemptOutcome, DecodeError> {
-    Ok(match d.u8()? {
-        0 => AttemptOutcome::InFlight,
-        1 => AttemptOutcome::NotSent,
-        2 => AttemptOutcome::NotProcessed(d.code()?),
-        3 => AttemptOutcome::Declined(d.code()?),
-        4 => AttemptOutcome::Success(d.code()?),
-        5 => AttemptOutcome::Processing(d.code()?),
-        6 => AttemptOutcome::Unknown,
-        tag => {
-            return Err(DecodeError::Tag {
-                what: "attempt outcome",
-                tag,
-            })
-        }
+    let tag = d.u8()?;
+    let code = if AttemptOutcome::tag_has_code(tag) {
+        d.code()?
+    } else {
+        RspCode(Ascii::empty())
+    };
+    AttemptOutcome::from_tag(tag, code).ok_or(DecodeError::Tag {
+        what: "attempt outcome",
+        tag,
     })
 }
 
