@@ -753,22 +753,30 @@ mod tests {
     fn readers_never_miss_while_a_writer_settles_and_evicts() {
         let store = SettledStore::new();
         let n = 20_000u32;
+        let done = std::sync::atomic::AtomicBool::new(false);
         std::thread::scope(|s| {
             s.spawn(|| {
                 for chunk in (0..n).collect::<Vec<_>>().chunks(500) {
                     let b: Vec<_> = chunk.iter().map(|&i| (key(0, i), settled(i, 10))).collect();
                     store.insert_all(&b);
                     // Nothing is past retention: eviction must free nothing.
-                    assert_eq!(store.evict_before(5), 0);
+                    let freed = store.evict_before(5);
+                    done.store(freed != 0, std::sync::atomic::Ordering::Release);
+                    assert_eq!(freed, 0);
                 }
+                done.store(true, std::sync::atomic::Ordering::Release);
             });
             s.spawn(|| {
-                // Whatever was found once is found again (never lost meanwhile).
+                // Keys go in in order: each is found, then found again (never lost).
                 let mut found = 0u32;
                 while found < n {
                     if store.contains_key(&key(0, found)) {
                         assert_eq!(store.get(&key(0, found)), Some(settled(found, 10)));
                         found += 1;
+                    } else if done.load(std::sync::atomic::Ordering::Acquire)
+                        && !store.contains_key(&key(0, found))
+                    {
+                        panic!("key {found} missing after the writer finished");
                     } else {
                         std::thread::yield_now();
                     }

@@ -646,8 +646,10 @@ fn acceptance_racing_the_settling_of_the_same_order_never_accepts_it_again() {
             });
         }
         s.spawn(|| {
+            let t = std::time::Instant::now();
             let mut moved = 0;
             while moved < n {
+                assert!(t.elapsed().as_secs() < 60, "only {moved} of {n} settled");
                 moved += e.settle_final_orders_before(u64::MAX);
                 std::thread::yield_now();
             }
