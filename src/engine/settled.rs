@@ -15,8 +15,11 @@
 
 use smallvec::SmallVec;
 
-use super::order::{Attempt, Order, OrderKey, OrderKind, Phase};
-use crate::message::{ChannelId, Outcome, Purpose};
+use super::order::{Attempt, AttemptOutcome, Order, OrderKey, OrderKind, Phase};
+use crate::channel::message::{OrderRef, RspCode};
+use crate::message::{AgreementId, ChannelId, Outcome, Purpose, Reason, Status};
+use crate::wire::field::Ascii;
+use crate::wire::header::MerchantNo;
 
 /// A settled (final, durable, past its detail window) order.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,12 +200,6 @@ impl Arena {
         self.chunks.get(i / CHUNK)?.recs.get(i % CHUNK)
     }
 }
-
-use super::order::AttemptOutcome;
-use crate::channel::message::{OrderRef, RspCode};
-use crate::message::{AgreementId, Reason, Status};
-use crate::wire::field::Ascii;
-use crate::wire::header::MerchantNo;
 
 fn put_text(dst: &mut [u8], s: &[u8]) {
     dst[..s.len()].copy_from_slice(s);
@@ -554,7 +551,6 @@ impl SettledStore {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::channel::message::OrderRef;
     use crate::message::OrderId;
     use proptest::prelude::*;
     use std::collections::HashMap;
