@@ -44,16 +44,7 @@ async fn sign_on_both(bed: &Bed, c: &sluice::client::Client) -> u64 {
     };
     assert_eq!(p.result.status, Status::Success, "{p:?}");
     let code = bed.sim("CHB").outbox().last().unwrap().code.clone();
-    let r = c
-        .call(lm::BindConfirmReq {
-            bind_ref: lm::BindRef(p.bind_ref),
-            sms_code: lm::SmsCode::new(&code).unwrap(),
-        })
-        .await
-        .unwrap();
-    let Message::BindConfirmRsp(b) = r.msg else {
-        panic!("{r:?}")
-    };
+    let b = common::bind_confirm(c, p.bind_ref, &code).await;
     assert_eq!(
         (b.result.status, b.channel.as_str()),
         (Status::Success, "CHB")

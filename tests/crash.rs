@@ -317,16 +317,7 @@ async fn crash_run() {
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    let r = c
-        .call(lm::BindConfirmReq {
-            bind_ref: lm::BindRef(p.bind_ref),
-            sms_code: lm::SmsCode::new(&code.unwrap()).unwrap(),
-        })
-        .await
-        .unwrap();
-    let Message::BindConfirmRsp(b) = r.msg else {
-        panic!("{r:?}")
-    };
+    let b = common::bind_confirm(&c, p.bind_ref, &code.unwrap()).await;
     assert_eq!(b.result.status, Status::Success);
     let agreement = b.agreement_id;
     drop(c);

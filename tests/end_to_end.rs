@@ -162,16 +162,7 @@ async fn sign_and_pay_signs_then_debits_once() {
         };
         assert_eq!(s.result.status, Status::Pending, "{s:?}");
         let code = bed.sms_code(PHONE).await;
-        let r = c
-            .call(lm::BindConfirmReq {
-                bind_ref: lm::BindRef(s.bind_ref),
-                sms_code: lm::SmsCode::new(&code).unwrap(),
-            })
-            .await
-            .unwrap();
-        let Message::BindConfirmRsp(b) = r.msg else {
-            panic!()
-        };
+        let b = common::bind_confirm(&c, s.bind_ref, &code).await;
         assert_eq!(b.result.status, Status::Success);
         let n = c.next_notification(WAIT).await.expect("debit notified");
         assert_eq!(
@@ -503,16 +494,7 @@ async fn backup_signing_gives_debits_a_second_channel() {
             "the backup SMS comes from CHB"
         );
         let code = bed.sim("CHB").outbox().last().unwrap().code.clone();
-        let r = c
-            .call(lm::BindConfirmReq {
-                bind_ref: lm::BindRef(p.bind_ref),
-                sms_code: lm::SmsCode::new(&code).unwrap(),
-            })
-            .await
-            .unwrap();
-        let Message::BindConfirmRsp(b) = r.msg else {
-            panic!()
-        };
+        let b = common::bind_confirm(&c, p.bind_ref, &code).await;
         assert_eq!(
             (b.result.status, b.agreement_id, b.channel.as_str()),
             (Status::Success, a, "CHB")

@@ -174,16 +174,7 @@ impl Bed {
         }
         assert_eq!(p.result.status, Status::Success, "{p:?}");
         let code = self.sms_code(phone).await;
-        let r = c
-            .call(lm::BindConfirmReq {
-                bind_ref: lm::BindRef(p.bind_ref),
-                sms_code: lm::SmsCode::new(&code).unwrap(),
-            })
-            .await
-            .unwrap();
-        let Message::BindConfirmRsp(b) = r.msg else {
-            panic!("{r:?}")
-        };
+        let b = bind_confirm(c, p.bind_ref, &code).await;
         assert_eq!(b.result.status, Status::Success, "{b:?}");
         b.agreement_id
     }
@@ -204,6 +195,21 @@ impl Bed {
     pub fn sms_count(&self) -> usize {
         self.sims.iter().map(|(_, s)| s.outbox().len()).sum()
     }
+}
+
+/// BIND_CONFIRM_REQ with this SMS code; its answer.
+pub async fn bind_confirm(c: &Client, bind_ref: u64, code: &str) -> lm::BindConfirmRsp {
+    let r = c
+        .call(lm::BindConfirmReq {
+            bind_ref: lm::BindRef(bind_ref),
+            sms_code: lm::SmsCode::new(code).unwrap(),
+        })
+        .await
+        .unwrap();
+    let Message::BindConfirmRsp(b) = r.msg else {
+        panic!("{r:?}")
+    };
+    b
 }
 
 pub fn status(r: &Response) -> Status {
