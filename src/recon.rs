@@ -215,8 +215,9 @@ pub struct OwnRecord {
 }
 
 impl OwnRecord {
-    /// Every attempt on `channel` held by `engine`.
-    pub fn from_engine(engine: &Engine, channel: &ChannelId) -> OwnRecord {
+    /// Every attempt on `channel` held by `engine` (an error: a settled-order chunk
+    /// file could not be read).
+    pub fn from_engine(engine: &Engine, channel: &ChannelId) -> std::io::Result<OwnRecord> {
         let mut entries = HashMap::new();
         engine.visit_for_snapshot(
             |_| {},
@@ -254,8 +255,8 @@ impl OwnRecord {
                 }
             },
             |_, _| {},
-        );
-        OwnRecord { entries }
+        )?;
+        Ok(OwnRecord { entries })
     }
 
     /// Every attempt on `channel` in the journal in `dir` (read-only).
@@ -267,7 +268,10 @@ impl OwnRecord {
             1,
         );
         crate::journal::load_read_only(dir, &engine)?;
-        Ok(OwnRecord::from_engine(&engine, channel))
+        OwnRecord::from_engine(&engine, channel).map_err(|source| ReconError::Io {
+            path: dir.display().to_string(),
+            source,
+        })
     }
 }
 

@@ -27,7 +27,7 @@ fn rss() -> u64 {
 #[test]
 #[ignore]
 fn resident_bytes_per_final_order() {
-    bytes_per_final_order(false);
+    bytes_per_final_order(false, None);
 }
 
 /// The same orders, settled to their compact form as they go (the live set stays at
@@ -35,7 +35,47 @@ fn resident_bytes_per_final_order() {
 #[test]
 #[ignore]
 fn resident_bytes_per_settled_order() {
-    bytes_per_final_order(true);
+    bytes_per_final_order(true, None);
+}
+
+/// The same, with full chunks of settled orders written to files (as the switch does
+/// with a journal): what stays in memory per order is its index entry.
+#[test]
+#[ignore]
+fn resident_bytes_per_settled_order_with_chunks_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    bytes_per_final_order(true, Some(dir.path()));
+}
+
+/// Snapshot and restore time with settled orders in chunk files: the snapshot refers to
+/// them, the restore reads them back.
+#[test]
+#[ignore]
+fn snapshot_and_restore_of_settled_orders_with_chunks_on_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let e = bytes_per_final_order(true, Some(dir.path()));
+    e.settle_final_orders_before(u64::MAX);
+    let n = e.order_count();
+    let t = std::time::Instant::now();
+    let (tmp, info) = sluice::journal::snapshot::write(dir.path(), &e, 1, 0, 0).unwrap();
+    let path = sluice::journal::snapshot::publish(dir.path(), &tmp, 1).unwrap();
+    let wrote = t.elapsed();
+    drop(e);
+    let fresh = engine();
+    fresh.keep_settled_in(dir.path());
+    let t = std::time::Instant::now();
+    let (_, loaded) = sluice::journal::snapshot::load(&path, &fresh, u64::MAX / 2, 0).unwrap();
+    let took = t.elapsed();
+    assert_eq!(fresh.order_count(), n);
+    assert_eq!(loaded.orders as usize, n);
+    eprintln!(
+        "{n} settled orders, {} chunk files: snapshot {} KB written in {:.3} s, restored in {:.2} s ({:.0} orders/s)",
+        info.chunks,
+        info.bytes / 1000,
+        wrote.as_secs_f64(),
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
+    );
 }
 
 /// Snapshot and restore time with settled orders (`SLUICE_ORDERS`, default 300000): a
@@ -43,7 +83,7 @@ fn resident_bytes_per_settled_order() {
 #[test]
 #[ignore]
 fn snapshot_and_restore_of_settled_orders() {
-    let e = bytes_per_final_order(true);
+    let e = bytes_per_final_order(true, None);
     e.settle_final_orders_before(u64::MAX);
     let n = e.order_count();
     let dir = tempfile::tempdir().unwrap();
@@ -79,15 +119,11 @@ fn engine() -> Engine {
     )
 }
 
-fn bytes_per_final_order(settle: bool) -> Engine {
-    let e = Engine::new(
-        EngineConfig::default(),
-        ChannelTable {
-            channels: vec![ChannelConfig::open("CHA"), ChannelConfig::open("CHB")],
-        },
-        &[9u8; 32],
-        1,
-    );
+fn bytes_per_final_order(settle: bool, chunk_dir: Option<&std::path::Path>) -> Engine {
+    let e = engine();
+    if let Some(d) = chunk_dir {
+        e.keep_settled_in(d);
+    }
     let merchant = MerchantNo::new("898100000000001").unwrap();
     let mut a = Agreement {
         id: e.new_agreement_id(),
@@ -155,7 +191,11 @@ fn bytes_per_final_order(settle: bool) -> Engine {
     let grown = rss().saturating_sub(before);
     eprintln!(
         "{n} final orders ({}): RSS +{} MiB, {} bytes per order (engine only)",
-        if settle { "settled as they go" } else { "live" },
+        match (settle, chunk_dir) {
+            (false, _) => "live",
+            (true, None) => "settled as they go",
+            (true, Some(_)) => "settled as they go, full chunks in files",
+        },
         grown >> 20,
         grown / n
     );

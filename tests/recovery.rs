@@ -419,7 +419,8 @@ fn settled_orders_keep_idempotency_through_snapshot_and_restart() {
         rig.answer(&d[0], Code::OK, T0 + detail + 5);
     }
     let recon_before =
-        sluice::recon::OwnRecord::from_engine(&rig.engine, &ChannelId::new("CHA").unwrap());
+        sluice::recon::OwnRecord::from_engine(&rig.engine, &ChannelId::new("CHA").unwrap())
+            .unwrap();
     drop(rig);
 
     let (rig, _) = open(dir.path(), "S2", T0 + detail + 10);
@@ -441,7 +442,8 @@ fn settled_orders_keep_idempotency_through_snapshot_and_restart() {
     }
     // Reconciliation sees the same attempts before and after.
     let recon_after =
-        sluice::recon::OwnRecord::from_engine(&rig.engine, &ChannelId::new("CHA").unwrap());
+        sluice::recon::OwnRecord::from_engine(&rig.engine, &ChannelId::new("CHA").unwrap())
+            .unwrap();
     assert_eq!(recon_after.entries.len(), 45);
     for (r, e) in &recon_before.entries {
         let a = &recon_after.entries[r];
@@ -450,6 +452,129 @@ fn settled_orders_keep_idempotency_through_snapshot_and_restart() {
             (&e.order_id, e.amount_fen, e.status, e.finished_at_ms)
         );
     }
+}
+
+fn chunk_files(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with("settled-") && n.ends_with(".chunk"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// Every order `K-{i}` for `i` in `range` repeats as a duplicate with its own outcome
+/// (even i: success, odd: declined) and is not sent anywhere again.
+fn assert_repeats_are_duplicates(rig: &Rig, range: std::ops::Range<u64>, now_ms: u64) {
+    for i in range {
+        let (d, replies) = rig.debit(&format!("K-{i}"), 1 + i % 10, now_ms);
+        assert!(d.is_empty(), "K-{i} sent again");
+        let want = if i % 2 == 0 {
+            Status::Success
+        } else {
+            Status::Failed
+        };
+        assert_eq!(
+            status_of(&replies[0]),
+            (want, Reason::DUPLICATE_ORDER),
+            "K-{i}"
+        );
+    }
+}
+
+#[test]
+fn settled_chunks_on_disk_keep_idempotency_through_restarts_and_retention() {
+    // Full chunks of settled orders (4096 each) go to their own files, and snapshots
+    // refer to them instead of copying them; a restart loads them back; files no
+    // snapshot refers to are removed; retention removes old files two snapshots later.
+    const CHUNK: u64 = 4096;
+    let dir = tempfile::tempdir().unwrap();
+    let fast = |c: &mut JournalConfig| c.policy = journal::Policy::None;
+    let (rig, _) = open_with(dir.path(), "S1", T0, fast);
+    for id in 1..=10 {
+        rig.add_agreement(id);
+    }
+    let finish = |rig: &Rig, range: std::ops::Range<u64>, at: u64| {
+        for i in range {
+            let (d, _) = rig.debit(&format!("K-{i}"), 1 + i % 10, at);
+            let code = if i % 2 == 0 {
+                Code::OK
+            } else {
+                Code::INSUFFICIENT_FUNDS
+            };
+            rig.answer(&d[0], code, at + 1);
+        }
+    };
+    let n = 2 * CHUNK + 100;
+    finish(&rig, 0..n, T0);
+    let detail = EngineConfig::default().settle_after_ms;
+    assert_eq!(rig.engine.settle_due(T0 + detail + 2), n as usize);
+    assert_eq!(chunk_files(dir.path()).len(), 2, "two full chunks written");
+    let info = rig.journal.snapshot(&rig.engine, T0 + detail + 3).unwrap();
+    assert_eq!(
+        (info.chunks, info.orders),
+        (2, 100),
+        "the full chunks are referred to, the rest copied"
+    );
+    // Orders whose records are only on disk still answer as duplicates.
+    assert_repeats_are_duplicates(&rig, 0..10, T0 + detail + 4);
+    assert_repeats_are_duplicates(&rig, CHUNK..CHUNK + 10, T0 + detail + 4);
+    // More orders settle after the snapshot: a third file, which no snapshot refers to.
+    let t1 = T0 + detail + 10;
+    finish(&rig, n..n + CHUNK, t1);
+    assert_eq!(rig.engine.settle_due(t1 + detail + 2), CHUNK as usize);
+    assert_eq!(chunk_files(dir.path()).len(), 3);
+    drop(rig);
+
+    // A crash before the next snapshot: the third file is removed at the restart, and
+    // its orders come back from the journal's tail.
+    let t2 = t1 + detail + 20;
+    let (rig, rep) = open_with(dir.path(), "S2", t2, fast);
+    assert_eq!(
+        rep.snapshot_orders, n,
+        "two chunks from files plus 100 copied"
+    );
+    assert_eq!(
+        chunk_files(dir.path()).len(),
+        2,
+        "the unreferred file is gone"
+    );
+    assert_eq!(rig.engine.order_count() as u64, n + CHUNK);
+    assert_repeats_are_duplicates(&rig, 0..n + CHUNK, t2 + 1);
+    // The tail's orders settle again, after the 100 the snapshot copied: a third full
+    // chunk (numbered 2 again) and 100 left over.
+    rig.engine.settle_due(t2 + detail + 2);
+    let info = rig.journal.snapshot(&rig.engine, t2 + detail + 3).unwrap();
+    assert_eq!((info.chunks, info.orders), (3, 100), "{info:?}");
+    drop(rig);
+
+    // Second restart: everything from files and the snapshot; nothing replayed twice.
+    let t3 = t2 + detail + 10;
+    let (rig, rep) = open_with(dir.path(), "S3", t3, fast);
+    assert_eq!(rig.engine.order_count() as u64, n + CHUNK);
+    assert_eq!(rig.engine.settled_count() as u64, n + CHUNK);
+    assert_eq!(rep.records_replayed, 0);
+    assert_repeats_are_duplicates(&rig, 0..n + CHUNK, t3 + 1);
+
+    // Past the retention every order is forgotten; the files go once neither kept
+    // snapshot refers to them (the older one is the fallback).
+    // (An agreement between snapshots moves the journal on: a snapshot at an unchanged
+    // position replaces the last one instead of adding one.)
+    let late = t3 + 8 * DAY_MS;
+    rig.journal.snapshot(&rig.engine, late).unwrap();
+    assert_eq!(rig.engine.order_count(), 0);
+    assert_eq!(
+        chunk_files(dir.path()).len(),
+        3,
+        "the fallback still refers to them"
+    );
+    rig.add_agreement(11);
+    rig.journal.snapshot(&rig.engine, late + 1).unwrap();
+    assert_eq!(chunk_files(dir.path()).len(), 3);
+    rig.add_agreement(12);
+    rig.journal.snapshot(&rig.engine, late + 2).unwrap();
+    assert_eq!(chunk_files(dir.path()), Vec::<String>::new());
 }
 
 #[test]

@@ -32,6 +32,7 @@ fn sweep_keeps_every_money_safety_invariant() {
         tot.revoked += s.revoked;
         tot.snapshots += s.snapshots;
         tot.settled += s.settled;
+        tot.from_chunk_files += s.from_chunk_files;
     }
     // The sweep is only worth something if the faults it claims really happened.
     println!("{tot:#?}");
@@ -43,6 +44,10 @@ fn sweep_keeps_every_money_safety_invariant() {
     assert!(
         tot.settled > 1_000,
         "orders settled to the compact form: {tot:?}"
+    );
+    assert!(
+        tot.from_chunk_files > 100,
+        "settled orders restored from chunk files: {tot:?}"
     );
     assert!(tot.torn_tails > 50, "torn journal tails: {tot:?}");
     assert!(

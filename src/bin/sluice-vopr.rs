@@ -86,6 +86,7 @@ fn main() -> ExitCode {
                 tot.torn_tails += s.torn_tails;
                 tot.snapshots += s.snapshots;
                 tot.settled += s.settled;
+                tot.from_chunk_files += s.from_chunk_files;
                 tot.lost += s.lost;
                 tot.signed += s.signed;
                 tot.revoked += s.revoked;
@@ -128,12 +129,13 @@ fn main() -> ExitCode {
         tot.revoked
     );
     println!(
-        "  crashes {} (non-durable records surviving {}, torn tails {}) snapshots {} settled {} lost msgs {} not-sent {} unknown {}",
+        "  crashes {} (non-durable records surviving {}, torn tails {}) snapshots {} settled {} (from chunk files at restarts {}) lost msgs {} not-sent {} unknown {}",
         tot.crashes,
         tot.crash_extra_records,
         tot.torn_tails,
         tot.snapshots,
         tot.settled,
+        tot.from_chunk_files,
         tot.lost,
         tot.not_sent,
         tot.unknown

@@ -101,6 +101,8 @@ pub struct Summary {
     pub snapshots: u64,
     /// Final orders moved to their compact settled form.
     pub settled: u64,
+    /// Settled orders a restart put back from chunk files (not from the snapshot's copy).
+    pub from_chunk_files: u64,
     /// Messages dropped by the network.
     pub lost: u64,
     /// Agreements signed through pre-bind + confirm.

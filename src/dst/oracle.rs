@@ -157,7 +157,8 @@ impl Oracle {
                 ))
             },
             |m, n| notes.push((*m, n.clone())),
-        );
+        )
+        .expect("the simulation's settled chunk files are readable");
         let ix = &mut self.index;
         for a in agreements {
             ix.agreements.insert(a, 0);

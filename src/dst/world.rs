@@ -207,6 +207,9 @@ struct World {
     sum: Summary,
 }
 
+/// Settled orders per chunk file in the simulation (4096 in the switch).
+const SETTLED_CHUNK: usize = 16;
+
 impl Drop for World {
     fn drop(&mut self) {
         if let Some(d) = &self.snap_dir {
@@ -433,12 +436,9 @@ impl World {
     // ----- setup ---------------------------------------------------------------------
 
     fn setup(&mut self) {
-        let e = Engine::new(
-            engine_config(self.inc, self.f.settle_after_ms),
-            self.table(),
-            &PII_SECRET,
-            self.now * 1000,
-        );
+        let e = self
+            .new_engine()
+            .expect("the simulation's directory can be created");
         // Stock agreements, as `sluice import` would journal them.
         for m in 0..self.lenders.len() {
             for i in 0..3u64 {
@@ -571,7 +571,8 @@ impl World {
             return false;
         }
         let mut all_final = true;
-        e.visit_for_snapshot(|_| {}, |o| all_final &= o.phase == Phase::Final, |_, _| {});
+        e.visit_for_snapshot(|_| {}, |o| all_final &= o.phase == Phase::Final, |_, _| {})
+            .expect("the simulation's settled chunk files are readable");
         all_final
             && self.chans.iter().all(|c| {
                 c.bank
@@ -603,7 +604,8 @@ impl World {
                         }
                     },
                     |_, _| {},
-                );
+                )
+                .expect("the simulation's settled chunk files are readable");
             }
         }
         let _ = write!(
@@ -1308,6 +1310,47 @@ impl World {
         Ok(())
     }
 
+    /// The seed's directory for snapshots and settled-order chunk files (created at the
+    /// first use, removed at drop).
+    fn dir(&mut self) -> std::io::Result<std::path::PathBuf> {
+        if let Some(d) = &self.snap_dir {
+            return Ok(d.clone());
+        }
+        static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // tmpfs when there is one: fsyncs cost nothing there, and durability is
+        // simulated anyway.
+        let shm = std::path::Path::new("/dev/shm");
+        let base = if shm.is_dir() {
+            shm.to_path_buf()
+        } else {
+            std::env::temp_dir()
+        };
+        let d = base.join(format!(
+            "sluice-vopr-{}-{}-{n}",
+            std::process::id(),
+            self.seed
+        ));
+        std::fs::create_dir_all(&d)?;
+        self.snap_dir = Some(d.clone());
+        Ok(d)
+    }
+
+    /// A fresh engine as the switch builds one: settled orders in chunk files beside the
+    /// snapshots (small chunks, so that a seed's few thousand orders fill some).
+    fn new_engine(&mut self) -> Result<Engine, Violation> {
+        let dir = self.dir().map_err(|err| ("snapshot", err.to_string()))?;
+        let e = Engine::new(
+            engine_config(self.inc, self.f.settle_after_ms),
+            self.table(),
+            &PII_SECRET,
+            self.now * 1000,
+        )
+        .with_settled_chunk_len(SETTLED_CHUNK);
+        e.keep_settled_in(&dir);
+        Ok(e)
+    }
+
     /// A snapshot as `Journal::snapshot` takes one: write it (replay from the next LSN),
     /// make the journal durable up to there, publish it.
     fn snapshot(&mut self) -> Result<(), Violation> {
@@ -1316,32 +1359,11 @@ impl World {
                 self.after(p, Ev::Snapshot);
             }
         }
-        let Some(e) = &self.engine else {
+        if self.engine.is_none() {
             return Ok(());
-        };
-        let dir = match &self.snap_dir {
-            Some(d) => d.clone(),
-            None => {
-                static RUN: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-                let n = RUN.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                // tmpfs when there is one: snapshot fsyncs cost nothing there, and
-                // durability is simulated anyway.
-                let shm = std::path::Path::new("/dev/shm");
-                let base = if shm.is_dir() {
-                    shm.to_path_buf()
-                } else {
-                    std::env::temp_dir()
-                };
-                let d = base.join(format!(
-                    "sluice-vopr-{}-{}-{n}",
-                    std::process::id(),
-                    self.seed
-                ));
-                std::fs::create_dir_all(&d).map_err(|err| ("snapshot", err.to_string()))?;
-                self.snap_dir = Some(d.clone());
-                d
-            }
-        };
+        }
+        let dir = self.dir().map_err(|err| ("snapshot", err.to_string()))?;
+        let e = self.engine.as_ref().expect("up");
         let from = self.journal.next_lsn();
         let (tmp, info) = crate::journal::snapshot::write(
             &dir,
@@ -1364,6 +1386,8 @@ impl World {
                 let _ = std::fs::remove_file(old);
             }
         }
+        crate::journal::snapshot::prune_chunks(&dir, std::slice::from_ref(&path))
+            .map_err(|err| ("snapshot", err.to_string()))?;
         let e = self.engine.as_ref().expect("up");
         self.oracle.snapshot_published(e);
         self.sum.snapshots += 1;
@@ -1507,21 +1531,23 @@ impl World {
     /// (`replay_and_settle`: parallel replay, then `finish_recovery`), journal the orders
     /// it failed (durably, before serving), then query the PENDING ones.
     fn restart(&mut self) -> Result<(), Violation> {
-        let e = Engine::new(
-            engine_config(self.inc, self.f.settle_after_ms),
-            self.table(),
-            &PII_SECRET,
-            self.now * 1000,
-        );
+        let e = self.new_engine()?;
         let mut from = 1;
+        if self.snapshot.is_none() {
+            // As `Recovery::apply`: no snapshot refers to a chunk file.
+            let dir = self.dir().map_err(|err| ("snapshot", err.to_string()))?;
+            crate::engine::chunk_file::remove_where(&dir, |_| true)
+                .map_err(|err| ("snapshot", err.to_string()))?;
+        }
         if let Some((path, lsn)) = &self.snapshot {
-            crate::journal::snapshot::load(
+            let (_, loaded) = crate::journal::snapshot::load(
                 path,
                 &e,
                 self.now,
                 self.now.saturating_sub(RETENTION_MS),
             )
             .map_err(|err| ("journal-readable", err.to_string()))?;
+            self.sum.from_chunk_files += loaded.from_chunk_files;
             from = *lsn;
         }
         let (_, mut resumed) = crate::journal::replay_and_settle(

@@ -540,6 +540,11 @@ impl<T: Copy + Eq + std::hash::Hash> Interner<T> {
         self.ids.get(v).map(|i| *i)
     }
 
+    /// Every code, by number.
+    pub(super) fn to_vec(&self) -> Vec<T> {
+        (0..).map_while(|i| self.list.get(i).copied()).collect()
+    }
+
     pub(super) fn get(&self, i: u32) -> T {
         // Indexes only come from `intern` of this table.
         match self.first.get(i as usize).and_then(OnceLock::get) {

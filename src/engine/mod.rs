@@ -20,6 +20,7 @@
 //! one notification id.
 
 pub mod agreement;
+pub(crate) mod chunk_file;
 pub mod limits_book;
 pub mod order;
 pub mod record;

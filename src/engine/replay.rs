@@ -121,17 +121,31 @@ impl Engine {
 
     /// Visit the state a snapshot keeps, in the order that makes a concurrent snapshot
     /// safe: agreements, then orders, then notifications. Returns the id sequence read
-    /// *before* the visit.
+    /// *before* the visit, or the error of a settled-order chunk file that could not be
+    /// read.
     ///
     /// Concurrency note: a final order's notification is queued while its map entry is
     /// still locked, so an order seen final here has its notification in the outbox by
     /// the time the outbox is visited (unless the lender acknowledged it meanwhile).
     pub(crate) fn visit_for_snapshot(
         &self,
+        agreement: impl FnMut(&Agreement),
+        order: impl FnMut(&Order),
+        notification: impl FnMut(&MerchantNo, &lm::Notify),
+    ) -> std::io::Result<u64> {
+        self.visit_for_snapshot_from(0, agreement, order, notification)
+    }
+
+    /// [`Engine::visit_for_snapshot`] leaving out the settled orders of chunks numbered
+    /// below `settled_from` (a snapshot that refers to their files instead; see
+    /// [`Engine::settled_disk_range`]).
+    pub(crate) fn visit_for_snapshot_from(
+        &self,
+        settled_from: u64,
         mut agreement: impl FnMut(&Agreement),
         mut order: impl FnMut(&Order),
         mut notification: impl FnMut(&MerchantNo, &lm::Notify),
-    ) -> u64 {
+    ) -> std::io::Result<u64> {
         let seq = self.seq_now();
         self.agreements.for_each(&mut agreement);
         // Live orders first, then settled ones: an order settled during the visit is
@@ -140,11 +154,55 @@ impl Engine {
         for o in self.orders.iter() {
             order(o.value());
         }
-        self.settled.for_each(|key, s| order(&s.to_order(key)));
+        self.settled
+            .for_each_from(settled_from, |key, s| order(&s.to_order(key)))?;
         for n in self.outbox.iter() {
             notification(&n.merchant, &n.msg);
         }
-        seq
+        Ok(seq)
+    }
+
+    /// Write full chunks of settled orders to files in `dir` (the journal directory)
+    /// and keep only their index in memory. Call once, before recovery.
+    pub fn keep_settled_in(&self, dir: &std::path::Path) {
+        self.settled.attach_dir(dir);
+    }
+
+    /// The settled-order chunks on disk that a snapshot refers to instead of copying
+    /// (`[lo, hi)`), after writing any full chunk still in memory. The write error, if
+    /// any, is logged; the chunk is then copied into the snapshot instead.
+    pub(crate) fn settled_disk_range(&self) -> (u64, u64) {
+        if let Err(e) = self.settled.seal() {
+            tracing::error!(error = %e, "settled orders: a full chunk could not be written; the snapshot copies it");
+        }
+        self.settled.disk_range()
+    }
+
+    /// Put back settled-order chunk `seq` from its file in `dir` (snapshot restore).
+    pub(crate) fn restore_settled_chunk(
+        &self,
+        dir: &std::path::Path,
+        seq: u64,
+        cutoff_ms: u64,
+    ) -> Result<usize, String> {
+        self.settled.load_chunk(dir, seq, cutoff_ms)
+    }
+
+    /// Number new settled-order chunks from `seq` on (snapshot restore).
+    pub(crate) fn number_settled_chunks_from(&self, seq: u64) {
+        self.settled.number_chunks_from(seq);
+    }
+
+    /// This engine with `n` settled orders per chunk file instead of 4096 (the
+    /// simulation, whose runs settle a few thousand orders).
+    pub(crate) fn with_settled_chunk_len(mut self, n: usize) -> Engine {
+        self.settled = super::settled::SettledStore::with_chunk_len(n);
+        self
+    }
+
+    /// The directory settled-order chunks are written to, if any.
+    pub(crate) fn settled_dir(&self) -> Option<&std::path::Path> {
+        self.settled.dir()
     }
 
     /// Apply one journal record (idempotent; see the module doc). `now_ms` stamps

@@ -13,7 +13,11 @@
 //! *before* it is removed from the live map, and readers look in the live map first, so a
 //! reader never misses an order that is moving between the two.
 
+use std::path::{Path, PathBuf};
+
 use smallvec::SmallVec;
+
+use super::chunk_file;
 
 use super::order::{Attempt, AttemptOutcome, Order, OrderKey, OrderKind, Phase};
 use crate::channel::message::{OrderRef, RspCode};
@@ -124,8 +128,9 @@ impl Facts {
 // ----- the store ---------------------------------------------------------------------
 
 /// Bytes of one packed settled order (layout in [`pack`]).
-const REC: usize = 128;
-/// Records per chunk: eviction frees whole chunks.
+const REC: usize = chunk_file::REC;
+/// Records per chunk: eviction frees whole chunks, and a full chunk is written to its
+/// own file once (512 KiB).
 const CHUNK: usize = 4096;
 /// Channel id meaning "no attempt".
 const NO_CHANNEL: u16 = u16::MAX;
@@ -141,8 +146,15 @@ type Rec = [u8; REC];
 /// record's slot. Every index hit is checked against the record's key, so two keys with
 /// one fingerprint cost an entry in `spill`, never a wrong answer.
 ///
+/// With a directory attached ([`SettledStore::attach_dir`], the journal's), a full chunk
+/// is written to its own file ([`chunk_file`]) and its records leave memory: what stays
+/// per order is the index entry. A lookup that lands in such a chunk reads its record
+/// from the file (one `pread`); most lookups are for new order ids and miss the index.
+/// Snapshots refer to the files by number instead of rewriting them.
+///
 /// Written by hand rather than with a map of `Settled` values: a hash map of 200-byte
-/// entries at a typical load factor costs ~480 bytes per order (measured), this ~160.
+/// entries at a typical load factor costs ~480 bytes per order (measured), this ~160 in
+/// memory, or the index entry alone once the chunk is on disk.
 ///
 /// Concurrency: a record is in the arena before the index points at it; readers go
 /// index → arena under the arena's read lock. Writers are the settling pass, snapshot
@@ -160,44 +172,105 @@ pub(crate) struct SettledStore {
     /// All ones; tests narrow it to force fingerprint collisions.
     fp_mask: u64,
     len: std::sync::atomic::AtomicUsize,
+    /// Where full chunks are written; unset: every chunk stays in memory.
+    dir: std::sync::OnceLock<PathBuf>,
+    /// One writer of chunk files at a time.
+    sealing: std::sync::Mutex<()>,
 }
 
-#[derive(Default)]
 struct Arena {
     /// Slot of the first record of `chunks[0]`.
     first_slot: u64,
     chunks: std::collections::VecDeque<Chunk>,
+    /// Records per chunk ([`CHUNK`]; smaller in tests and the simulation).
+    chunk_len: usize,
+    /// Number of the next chunk started (chunk numbers name their files and go on across
+    /// restarts).
+    next_seq: u64,
 }
 
 struct Chunk {
+    seq: u64,
+    /// The records while the chunk is in memory; empty once it is on disk.
     recs: Vec<Rec>,
+    /// Records in the chunk.
+    len: usize,
+    /// Written to its file, records dropped from memory.
+    on_disk: bool,
     /// Latest `finished_at_ms` in the chunk: the chunk goes when that is past retention.
     max_finished_ms: u64,
+    /// For a chunk loaded from a file another process wrote: its intern numbers → ours.
+    remap: Option<std::sync::Arc<Remap>>,
+}
+
+/// Intern numbers of a chunk file's records mapped to this process's.
+struct Remap {
+    merchants: Vec<u32>,
+    channels: Vec<u16>,
+}
+
+impl Remap {
+    fn apply(&self, r: &mut Rec) {
+        let m = u32::from_le_bytes([r[0], r[1], r[2], r[3]]) as usize;
+        if let Some(&to) = self.merchants.get(m) {
+            r[0..4].copy_from_slice(&to.to_le_bytes());
+        }
+        let ch = u16::from_le_bytes([r[88], r[89]]);
+        if ch != NO_CHANNEL {
+            if let Some(&to) = self.channels.get(usize::from(ch)) {
+                r[88..90].copy_from_slice(&to.to_le_bytes());
+            }
+        }
+    }
 }
 
 impl Arena {
+    fn new(chunk_len: usize) -> Arena {
+        Arena {
+            first_slot: 0,
+            chunks: std::collections::VecDeque::new(),
+            chunk_len,
+            next_seq: 0,
+        }
+    }
+
     fn next_slot(&self) -> u64 {
-        let full = self.chunks.len().saturating_sub(1) * CHUNK;
-        self.first_slot + (full + self.chunks.back().map_or(0, |c| c.recs.len())) as u64
+        let full = self.chunks.len().saturating_sub(1) * self.chunk_len;
+        self.first_slot + (full + self.chunks.back().map_or(0, |c| c.len)) as u64
+    }
+
+    /// A new chunk at the end (the last one must be full).
+    fn start_chunk(&mut self, seq: u64) -> &mut Chunk {
+        self.next_seq = self.next_seq.max(seq + 1);
+        self.chunks.push_back(Chunk {
+            seq,
+            recs: Vec::with_capacity(self.chunk_len),
+            len: 0,
+            on_disk: false,
+            max_finished_ms: 0,
+            remap: None,
+        });
+        self.chunks.back_mut().expect("just pushed")
     }
 
     fn push(&mut self, r: Rec, finished_ms: u64) -> u64 {
         let slot = self.next_slot();
-        if !matches!(self.chunks.back(), Some(c) if c.recs.len() < CHUNK) {
-            self.chunks.push_back(Chunk {
-                recs: Vec::with_capacity(CHUNK),
-                max_finished_ms: 0,
-            });
+        if !matches!(self.chunks.back(), Some(c) if c.len < self.chunk_len) {
+            let seq = self.next_seq;
+            self.start_chunk(seq);
         }
         let c = self.chunks.back_mut().expect("just ensured");
         c.recs.push(r);
+        c.len += 1;
         c.max_finished_ms = c.max_finished_ms.max(finished_ms);
         slot
     }
 
-    fn get(&self, slot: u64) -> Option<&Rec> {
+    /// The chunk holding `slot` and the slot's place in it.
+    fn locate(&self, slot: u64) -> Option<(&Chunk, usize)> {
         let i = usize::try_from(slot.checked_sub(self.first_slot)?).ok()?;
-        self.chunks.get(i / CHUNK)?.recs.get(i % CHUNK)
+        let c = self.chunks.get(i / self.chunk_len)?;
+        (i % self.chunk_len < c.len).then_some((c, i % self.chunk_len))
     }
 }
 
@@ -217,10 +290,22 @@ fn u64_at(r: &Rec, at: usize) -> u64 {
     u64::from_le_bytes(b)
 }
 
+/// A record that could not be read from its chunk file (logged once per failure; the
+/// caller decides what is safe to answer).
+fn unreadable(seq: u64, e: &dyn std::fmt::Display) {
+    tracing::error!(chunk = seq, error = %e, "settled orders: a chunk file could not be read");
+}
+
 impl SettledStore {
     pub(crate) fn new() -> SettledStore {
+        SettledStore::with_chunk_len(CHUNK)
+    }
+
+    /// A store with `chunk_len` records per chunk (tests and the simulation use small
+    /// chunks so that they fill).
+    pub(crate) fn with_chunk_len(chunk_len: usize) -> SettledStore {
         SettledStore {
-            arena: std::sync::RwLock::new(Arena::default()),
+            arena: std::sync::RwLock::new(Arena::new(chunk_len.max(1))),
             index: dashmap::DashMap::default(),
             spill: dashmap::DashMap::new(),
             fallback: dashmap::DashMap::new(),
@@ -229,7 +314,20 @@ impl SettledStore {
             keyed: std::collections::hash_map::RandomState::new(),
             fp_mask: u64::MAX,
             len: std::sync::atomic::AtomicUsize::new(0),
+            dir: std::sync::OnceLock::new(),
+            sealing: std::sync::Mutex::new(()),
         }
+    }
+
+    /// Write full chunks to files in `dir` from now on (the journal directory). Set once,
+    /// before the store is used; a later call is ignored.
+    pub(crate) fn attach_dir(&self, dir: &Path) {
+        let _ = self.dir.set(dir.to_path_buf());
+    }
+
+    /// The directory full chunks are written to, if any.
+    pub(crate) fn dir(&self) -> Option<&Path> {
+        self.dir.get().map(PathBuf::as_path)
     }
 
     fn fp(&self, key: &OrderKey) -> u64 {
@@ -243,6 +341,49 @@ impl SettledStore {
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Arena> {
         self.arena.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The record in `slot` (`None`: no such slot, e.g. evicted), from memory or from
+    /// its chunk's file.
+    fn rec(&self, arena: &Arena, slot: u64) -> std::io::Result<Option<Rec>> {
+        let Some((c, i)) = arena.locate(slot) else {
+            return Ok(None);
+        };
+        if !c.on_disk {
+            return Ok(c.recs.get(i).copied());
+        }
+        let dir = self
+            .dir()
+            .ok_or_else(|| std::io::Error::other("no chunk directory"))?;
+        let mut r = chunk_file::read_rec(dir, c.seq, i).inspect_err(|e| unreadable(c.seq, e))?;
+        if let Some(m) = &c.remap {
+            m.apply(&mut r);
+        }
+        Ok(Some(r))
+    }
+
+    /// All records of a chunk (a copy), from memory or from its file.
+    fn recs_of(
+        &self,
+        seq: u64,
+        recs: Vec<Rec>,
+        on_disk: bool,
+        remap: Option<&Remap>,
+    ) -> std::io::Result<Vec<Rec>> {
+        if !on_disk {
+            return Ok(recs);
+        }
+        let dir = self
+            .dir()
+            .ok_or_else(|| std::io::Error::other("no chunk directory"))?;
+        let mut f = chunk_file::read(dir, seq).map_err(|e| {
+            unreadable(seq, &e);
+            std::io::Error::other(e)
+        })?;
+        if let Some(m) = remap {
+            f.recs.iter_mut().for_each(|r| m.apply(r));
+        }
+        Ok(f.recs)
     }
 
     /// Record layout (little-endian):
@@ -343,40 +484,54 @@ impl SettledStore {
         })
     }
 
-    /// The slot holding `key`, checked against the record.
-    fn slot_of(&self, arena: &Arena, key: &OrderKey) -> Option<u64> {
-        let holds = |slot: u64| {
-            arena
-                .get(slot)
-                .and_then(|r| self.key_of(r))
-                .is_some_and(|k| &k == key)
+    /// The slot holding `key`, checked against the record. An error: a record the index
+    /// points at could not be read and no other place holds the key.
+    fn slot_of(&self, arena: &Arena, key: &OrderKey) -> std::io::Result<Option<u64>> {
+        let mut failed = None;
+        let mut holds = |slot: u64| match self.rec(arena, slot) {
+            Ok(r) => r.and_then(|r| self.key_of(&r)).is_some_and(|k| &k == key),
+            Err(e) => {
+                failed = Some(e);
+                false
+            }
         };
         if let Some(slot) = self.index.get(&self.fp(key)).map(|s| *s) {
             if holds(slot) {
-                return Some(slot);
+                return Ok(Some(slot));
             }
         }
-        if self.spill.is_empty() {
-            return None;
+        if !self.spill.is_empty() {
+            if let Some(slot) = self.spill.get(key).map(|s| *s).filter(|&s| holds(s)) {
+                return Ok(Some(slot));
+            }
         }
-        self.spill.get(key).map(|s| *s).filter(|&s| holds(s))
+        match failed {
+            Some(e) => Err(e),
+            None => Ok(None),
+        }
     }
 
-    /// The settled order with this key.
+    /// The settled order with this key (`None` too when its record cannot be read;
+    /// that is logged).
     pub(crate) fn get(&self, key: &OrderKey) -> Option<Settled> {
         let arena = self.read();
-        let slot = self.slot_of(&arena, key)?;
-        self.unpack(slot, arena.get(slot)?)
+        let slot = self.slot_of(&arena, key).ok()??;
+        let r = self.rec(&arena, slot).ok()??;
+        self.unpack(slot, &r)
     }
 
     /// True when an order with this key is settled. Most calls are for new order ids:
     /// one index probe that misses.
+    ///
+    /// Fails closed: when the record the index points at cannot be read (a chunk file
+    /// damaged or gone), the key counts as settled, so a new order under that id is not
+    /// executed (rule 1); the error is logged.
     pub(crate) fn contains_key(&self, key: &OrderKey) -> bool {
         if !self.index.contains_key(&self.fp(key)) && self.spill.is_empty() {
             return false;
         }
         let arena = self.read();
-        self.slot_of(&arena, key).is_some()
+        self.slot_of(&arena, key).map_or(true, |s| s.is_some())
     }
 
     /// Number of settled orders.
@@ -384,14 +539,20 @@ impl SettledStore {
         self.len.load(std::sync::atomic::Ordering::Relaxed)
     }
 
-    /// Add settled orders (a key already present points at its new record).
+    /// Add settled orders (a key already present points at its new record). A chunk
+    /// filled by them is written to its file when a directory is attached.
     pub(crate) fn insert_all(&self, orders: &[(OrderKey, Settled)]) {
         let mut placed = Vec::with_capacity(orders.len());
+        let mut filled = false;
         {
             let mut arena = self.write();
             for (key, s) in orders {
                 let r = self.pack(key, s);
                 let slot = arena.push(r, s.finished_at_ms);
+                filled |= arena
+                    .chunks
+                    .back()
+                    .is_some_and(|c| c.len == arena.chunk_len);
                 if r[127] & F_FALLBACK != 0 {
                     self.fallback.insert(slot, s.clone());
                 }
@@ -401,6 +562,11 @@ impl SettledStore {
         // The records exist; now the index may point at them.
         for (key, slot) in placed {
             self.point(&key, slot);
+        }
+        if filled {
+            if let Err(e) = self.seal() {
+                tracing::error!(error = %e, "settled orders: a full chunk could not be written; it stays in memory and is tried again");
+            }
         }
     }
 
@@ -416,11 +582,12 @@ impl SettledStore {
             let held = self.index.get(&fp).map(|s| *s);
             let same = held.map(|h| {
                 let arena = self.read();
-                // A slot already evicted holds no other key.
-                arena
-                    .get(h)
-                    .and_then(|r| self.key_of(r))
-                    .map_or(true, |k| &k == key)
+                match self.rec(&arena, h) {
+                    // A slot already evicted holds no other key.
+                    Ok(r) => r.and_then(|r| self.key_of(&r)).map_or(true, |k| &k == key),
+                    // Unreadable: keep both; this key goes to the spill map.
+                    Err(_) => false,
+                }
             });
             match (held, same) {
                 (Some(_), Some(false)) => break self.spill.insert(*key, slot).is_none(),
@@ -446,12 +613,18 @@ impl SettledStore {
     }
 
     /// Forget `key` (its record stays until its chunk is evicted, unreachable).
+    ///
+    /// Not written to chunk files: a restart that loads the chunk finds the key again.
+    /// The one caller, a restore that found a newer live copy of the order
+    /// (`Engine::restore_order`), keeps that copy, and it is what later snapshots hold
+    /// and restore after the chunks (a final order never changes, so both copies say
+    /// the same).
     pub(crate) fn remove(&self, key: &OrderKey) {
         let slot = {
             let arena = self.read();
             self.slot_of(&arena, key)
         };
-        let Some(slot) = slot else { return };
+        let Ok(Some(slot)) = slot else { return };
         let gone = self
             .index
             .remove_if(&self.fp(key), |_, s| *s == slot)
@@ -464,9 +637,10 @@ impl SettledStore {
     }
 
     /// Free the chunks whose every order finished before `cutoff_ms` (retention).
-    /// Returns how many orders were forgotten.
+    /// Returns how many orders were forgotten. Their files stay until no snapshot kept
+    /// refers to them (`journal::snapshot::prune_chunks`).
     pub(crate) fn evict_before(&self, cutoff_ms: u64) -> usize {
-        let mut gone = Vec::new();
+        let mut popped = Vec::new();
         {
             let mut arena = self.write();
             while arena
@@ -476,75 +650,280 @@ impl SettledStore {
             {
                 let c = arena.chunks.pop_front().expect("just checked");
                 let first = arena.first_slot;
-                arena.first_slot += CHUNK as u64;
-                for (i, r) in c.recs.iter().enumerate() {
-                    if let Some(k) = self.key_of(r) {
-                        gone.push((k, first + i as u64));
-                    }
-                }
+                arena.first_slot += arena.chunk_len as u64;
                 if arena.chunks.is_empty() {
                     // The next record starts a fresh chunk at the next slot.
-                    arena.first_slot = first + c.recs.len() as u64;
+                    arena.first_slot = first + c.len as u64;
                 }
+                popped.push((first, c));
             }
         }
         let mut n = 0;
-        for (key, slot) in gone {
-            let hit = self
-                .index
-                .remove_if(&self.fp(&key), |_, s| *s == slot)
-                .is_some()
-                || self.spill.remove_if(&key, |_, s| *s == slot).is_some();
-            self.fallback.remove(&slot);
-            n += usize::from(hit);
+        for (first, c) in popped {
+            // The keys are read after the lock is released (from the file when on disk);
+            // a chunk whose file cannot be read leaves its index entries behind, pointing
+            // at slots that no longer exist (they answer "not held").
+            let Ok(recs) = self.recs_of(c.seq, c.recs, c.on_disk, c.remap.as_deref()) else {
+                continue;
+            };
+            for (i, r) in recs.iter().enumerate() {
+                let Some(key) = self.key_of(r) else { continue };
+                let slot = first + i as u64;
+                let hit = self
+                    .index
+                    .remove_if(&self.fp(&key), |_, s| *s == slot)
+                    .is_some()
+                    || self.spill.remove_if(&key, |_, s| *s == slot).is_some();
+                self.fallback.remove(&slot);
+                n += usize::from(hit);
+            }
         }
         self.len.fetch_sub(n, std::sync::atomic::Ordering::Relaxed);
         n
     }
 
-    /// Visit every settled order, oldest record first (snapshots keep that order, so a
-    /// restore keeps chunks in finishing order and retention keeps freeing them).
+    /// Visit every settled order, oldest record first (see [`SettledStore::for_each_from`]).
+    #[cfg(test)]
+    pub(crate) fn for_each(&self, f: impl FnMut(OrderKey, Settled)) -> std::io::Result<()> {
+        self.for_each_from(0, f)
+    }
+
+    /// Visit the settled orders in chunks numbered `from_seq` or later, oldest record
+    /// first (snapshots keep that order, so a restore keeps chunks in finishing order
+    /// and retention keeps freeing them). Chunks on disk are read from their files; a
+    /// file that cannot be read ends the visit with its error.
     ///
     /// The arena lock is held only to copy one chunk at a time, so a snapshot of
     /// millions of settled orders never holds up settling or lookups for long.
-    pub(crate) fn for_each(&self, mut f: impl FnMut(OrderKey, Settled)) {
+    pub(crate) fn for_each_from(
+        &self,
+        from_seq: u64,
+        mut f: impl FnMut(OrderKey, Settled),
+    ) -> std::io::Result<()> {
         let mut cursor = self.read().first_slot;
         loop {
-            let (first, recs) = {
+            let (first, seq, recs, on_disk, remap, len, chunk_len) = {
                 let arena = self.read();
                 let start = cursor.max(arena.first_slot);
                 let Ok(i) = usize::try_from(start - arena.first_slot) else {
-                    return;
+                    return Ok(());
                 };
-                let Some(c) = arena.chunks.get(i / CHUNK) else {
-                    return;
+                let Some(c) = arena.chunks.get(i / arena.chunk_len) else {
+                    return Ok(());
                 };
-                let chunk_first = start - (i % CHUNK) as u64;
-                (chunk_first, c.recs.clone())
+                let chunk_first = start - (i % arena.chunk_len) as u64;
+                let recs = if c.on_disk || c.seq < from_seq {
+                    Vec::new()
+                } else {
+                    c.recs.clone()
+                };
+                (
+                    chunk_first,
+                    c.seq,
+                    recs,
+                    c.on_disk,
+                    c.remap.clone(),
+                    c.len,
+                    arena.chunk_len,
+                )
             };
-            if recs.is_empty() {
-                return;
+            if len == 0 {
+                return Ok(());
             }
-            for (i, r) in recs.iter().enumerate() {
-                let slot = first + i as u64;
-                if slot < cursor {
-                    continue;
-                }
-                let Some(key) = self.key_of(r) else { continue };
-                // Only the record the index points at (not one a re-insert replaced).
-                let current = self.index.get(&self.fp(&key)).is_some_and(|s| *s == slot)
-                    || self.spill.get(&key).is_some_and(|s| *s == slot);
-                if current {
-                    if let Some(s) = self.unpack(slot, r) {
-                        f(key, s);
+            if seq >= from_seq {
+                let recs = self.recs_of(seq, recs, on_disk, remap.as_deref())?;
+                for (i, r) in recs.iter().enumerate() {
+                    let slot = first + i as u64;
+                    if slot < cursor {
+                        continue;
+                    }
+                    let Some(key) = self.key_of(r) else { continue };
+                    // Only the record the index points at (not one a re-insert replaced).
+                    let current = self.index.get(&self.fp(&key)).is_some_and(|s| *s == slot)
+                        || self.spill.get(&key).is_some_and(|s| *s == slot);
+                    if current {
+                        if let Some(s) = self.unpack(slot, r) {
+                            f(key, s);
+                        }
                     }
                 }
             }
-            cursor = first + recs.len() as u64;
-            if recs.len() < CHUNK {
-                return;
+            cursor = first + len as u64;
+            if len < chunk_len {
+                return Ok(());
             }
         }
+    }
+
+    /// Write every full chunk still in memory to its file and drop its records from
+    /// memory. Returns how many were written. Stops at the first failure: that chunk
+    /// stays in memory (snapshots copy it) and is tried again at the next call.
+    pub(crate) fn seal(&self) -> std::io::Result<usize> {
+        let Some(dir) = self.dir() else {
+            return Ok(0);
+        };
+        let _one = match self.sealing.try_lock() {
+            Ok(g) => g,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            // Another thread is sealing; it goes on until no full chunk is left.
+            Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+        };
+        let mut n = 0;
+        loop {
+            let job = {
+                let a = self.read();
+                a.chunks
+                    .iter()
+                    .enumerate()
+                    .find(|(_, c)| !c.on_disk && c.len == a.chunk_len)
+                    .map(|(i, c)| {
+                        let first = a.first_slot + (i * a.chunk_len) as u64;
+                        (first, c.seq, c.recs.clone(), c.max_finished_ms)
+                    })
+            };
+            let Some((first, seq, recs, max_finished_ms)) = job else {
+                return Ok(n);
+            };
+            let fallback = recs
+                .iter()
+                .enumerate()
+                .filter(|(_, r)| r[127] & F_FALLBACK != 0)
+                .filter_map(|(i, r)| {
+                    let key = self.key_of(r)?;
+                    let s = self.fallback.get(&(first + i as u64))?;
+                    Some((i as u32, s.to_order(key)))
+                })
+                .collect();
+            let names = chunk_file::Names {
+                merchants: self.merchants.to_vec(),
+                channels: self.channels.to_vec(),
+            };
+            chunk_file::write(
+                dir,
+                &chunk_file::ChunkFile {
+                    seq,
+                    max_finished_ms,
+                    recs,
+                    names,
+                    fallback,
+                },
+            )?;
+            let mut a = self.write();
+            if let Some(c) = a.chunks.iter_mut().find(|c| c.seq == seq) {
+                c.on_disk = true;
+                c.recs = Vec::new();
+            }
+            n += 1;
+        }
+    }
+
+    /// The chunks a snapshot refers to instead of copying: `[lo, hi)`, the run of
+    /// consecutive chunks on disk at the front. `lo` is the oldest chunk still held (or
+    /// the next number when none is), so no snapshot taken later needs a file below it.
+    pub(crate) fn disk_range(&self) -> (u64, u64) {
+        let a = self.read();
+        let lo = a.chunks.front().map_or(a.next_seq, |c| c.seq);
+        let mut hi = lo;
+        for c in &a.chunks {
+            if !(c.on_disk && c.seq == hi) {
+                break;
+            }
+            hi += 1;
+        }
+        (lo, hi)
+    }
+
+    /// Number the next chunk at least `seq` (a restore: files from that number on are
+    /// not referred to by the snapshot loaded, and are overwritten).
+    pub(crate) fn number_chunks_from(&self, seq: u64) {
+        let mut a = self.write();
+        a.next_seq = a.next_seq.max(seq);
+    }
+
+    /// Put back chunk `seq` from its file in `dir` (a restore: chunks in order, before
+    /// any other settled order is inserted). Chunks at the front whose orders all
+    /// finished before `cutoff_ms` are skipped (retention). With a directory attached
+    /// the records stay on disk; without one (read-only tools) they are kept in memory.
+    /// Returns how many orders it put back.
+    pub(crate) fn load_chunk(&self, dir: &Path, seq: u64, cutoff_ms: u64) -> Result<usize, String> {
+        let f = chunk_file::read(dir, seq)?;
+        let on_disk = self.dir().is_some();
+        let remap = Remap {
+            merchants: f
+                .names
+                .merchants
+                .iter()
+                .map(|m| self.merchants.intern(*m))
+                .collect(),
+            channels: f
+                .names
+                .channels
+                .iter()
+                .map(|c| {
+                    u16::try_from(self.channels.intern(*c))
+                        .ok()
+                        .filter(|&c| c != NO_CHANNEL)
+                        .ok_or_else(|| format!("chunk {seq}: too many channels"))
+                })
+                .collect::<Result<_, _>>()?,
+        };
+        let identity = remap
+            .merchants
+            .iter()
+            .enumerate()
+            .all(|(i, &m)| m as usize == i)
+            && remap
+                .channels
+                .iter()
+                .enumerate()
+                .all(|(i, &c)| usize::from(c) == i);
+        let mut recs = f.recs;
+        if !identity {
+            recs.iter_mut().for_each(|r| remap.apply(r));
+        }
+        let first = {
+            let mut a = self.write();
+            a.next_seq = a.next_seq.max(seq + 1);
+            if a.chunks.is_empty() && f.max_finished_ms < cutoff_ms {
+                return Ok(0);
+            }
+            if recs.len() != a.chunk_len {
+                return Err(format!(
+                    "chunk {seq} holds {} records, {} expected",
+                    recs.len(),
+                    a.chunk_len
+                ));
+            }
+            if a.chunks.back().is_some_and(|c| c.len < a.chunk_len) {
+                return Err(format!("chunk {seq} loaded after other settled orders"));
+            }
+            let first = a.next_slot();
+            let c = a.start_chunk(seq);
+            c.len = recs.len();
+            c.max_finished_ms = f.max_finished_ms;
+            c.on_disk = on_disk;
+            if on_disk {
+                c.remap = (!identity).then(|| std::sync::Arc::new(remap));
+            } else {
+                c.recs = recs.clone();
+            }
+            first
+        };
+        for (i, o) in f.fallback {
+            self.fallback.insert(first + u64::from(i), Settled::of(&o));
+        }
+        let mut n = 0;
+        for (i, r) in recs.iter().enumerate() {
+            let slot = first + i as u64;
+            // A record whose exact form was dropped had been replaced: not current.
+            if r[127] & F_FALLBACK != 0 && !self.fallback.contains_key(&slot) {
+                continue;
+            }
+            let Some(key) = self.key_of(r) else { continue };
+            self.point(&key, slot);
+            n += 1;
+        }
+        Ok(n)
     }
 }
 
@@ -669,8 +1048,18 @@ mod tests {
             }
         }
         let mut seen = HashMap::new();
-        store.for_each(|k, s| assert!(seen.insert(k, s).is_none(), "visited twice"));
+        store
+            .for_each(|k, s| assert!(seen.insert(k, s).is_none(), "visited twice"))
+            .unwrap();
         assert_eq!(seen, model);
+    }
+
+    fn all(store: &SettledStore) -> HashMap<OrderKey, Settled> {
+        let mut m = HashMap::new();
+        store
+            .for_each(|k, s| assert!(m.insert(k, s).is_none()))
+            .unwrap();
+        m
     }
 
     proptest! {
@@ -679,6 +1068,71 @@ mod tests {
         #[test]
         fn the_store_behaves_like_a_map(ops in prop::collection::vec(op(400), 1..40)) {
             check_against_model(&SettledStore::new(), &ops);
+        }
+
+        #[test]
+        fn the_store_behaves_like_a_map_with_chunks_on_disk(
+            ops in prop::collection::vec(op(400), 1..40)
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let store = SettledStore::with_chunk_len(8);
+            store.attach_dir(dir.path());
+            check_against_model(&store, &ops);
+            // Every full chunk is on disk and holds no records in memory.
+            let a = store.read();
+            for c in a.chunks.iter().filter(|c| c.len == 8) {
+                prop_assert!(c.on_disk && c.recs.is_empty());
+            }
+        }
+
+        #[test]
+        fn chunks_on_disk_come_back_in_a_new_store(
+            ops in prop::collection::vec(op(400), 1..40),
+            fp_mask in prop_oneof![Just(u64::MAX), Just(0x7u64)],
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let mut store = SettledStore::with_chunk_len(8);
+            store.fp_mask = fp_mask;
+            store.attach_dir(dir.path());
+            check_against_model(&store, &ops);
+            let before = all(&store);
+            // As a snapshot and its load do: the chunks on disk by number, the rest copied.
+            let (lo, hi) = store.disk_range();
+            let mut rest = Vec::new();
+            store.for_each_from(hi, |k, s| rest.push((k, s))).unwrap();
+            let mut again = SettledStore::with_chunk_len(8);
+            again.fp_mask = fp_mask;
+            again.attach_dir(dir.path());
+            // Other intern numbers than the writer's: the files' names are mapped.
+            again.merchants.intern(MerchantNo::new("OTHER").unwrap());
+            again.channels.intern(ChannelId::new("CHZ").unwrap());
+            again.number_chunks_from(hi);
+            for seq in lo..hi {
+                again.load_chunk(dir.path(), seq, 0).unwrap();
+            }
+            again.insert_all(&rest);
+            for (k, s) in &before {
+                prop_assert_eq!(again.get(k), Some(s.clone()));
+                prop_assert!(again.contains_key(k));
+            }
+            // `remove` is not written to chunk files (see its note): a key removed after
+            // its chunk was written comes back, with a version once inserted.
+            let mut inserted: HashMap<OrderKey, Vec<Settled>> = HashMap::new();
+            let mut version = 0u64;
+            for op in &ops {
+                if let Op::Insert(keys) = op {
+                    version += 1;
+                    for &(m, i) in keys {
+                        inserted.entry(key(m, i)).or_default().push(settled(i, 100 + version));
+                    }
+                }
+            }
+            for (k, s) in all(&again) {
+                if !before.contains_key(&k) {
+                    prop_assert!(ops.iter().any(|o| matches!(o, Op::Remove(m, i) if key(*m, *i) == k)));
+                    prop_assert!(inserted[&k].contains(&s));
+                }
+            }
         }
 
         #[test]
@@ -703,7 +1157,7 @@ mod tests {
         assert_eq!(store.len(), 1);
         assert_eq!(store.get(&b), Some(settled(3, 10)));
         let mut visited = Vec::new();
-        store.for_each(|k, s| visited.push((k, s)));
+        store.for_each(|k, s| visited.push((k, s))).unwrap();
         assert_eq!(visited, vec![(b, settled(3, 10))]);
     }
 
@@ -740,7 +1194,7 @@ mod tests {
         store.insert_all(&[(key(2, 7), settled(7, 5))]);
         assert_eq!(store.get(&key(2, 7)), Some(settled(7, 5)));
         let mut visited = 0;
-        store.for_each(|_, _| visited += 1);
+        store.for_each(|_, _| visited += 1).unwrap();
         assert_eq!(visited, 1);
         assert!(store.fallback.len() <= 1);
     }

@@ -47,6 +47,7 @@ use crate::engine::order::OrderKey;
 use crate::engine::{Engine, Record};
 
 pub use snapshot::SnapshotInfo;
+pub(crate) use writer::sync_dir;
 use writer::{Done, Item};
 
 /// Largest segment file, bytes: bounds the memory a recovery holds per segment and the
@@ -558,6 +559,15 @@ impl Recovery {
             torn_tail: self.torn.clone(),
             ..RecoveryReport::default()
         };
+        // The engine keeps full chunks of settled orders in files beside the journal.
+        let dir = &self.journal.shared.cfg.dir;
+        engine.keep_settled_in(dir);
+        if self.snapshot.is_none() {
+            // No snapshot refers to any chunk file: whatever is there is left from a run
+            // that crashed before its first snapshot (its orders are in the journal).
+            crate::engine::chunk_file::remove_where(dir, |_| true)
+                .map_err(|e| JournalError::io(dir, e))?;
+        }
         if let Some((path, _)) = &self.snapshot {
             let (_, loaded) = snapshot::load(path, engine, now_ms, cutoff_ms)?;
             report.snapshot = Some(path.clone());
@@ -846,11 +856,20 @@ impl Journal {
             Ordering::Relaxed,
         );
         prune(dir).map_err(|e| JournalError::io(dir, e))?;
+        let kept: Vec<PathBuf> = snapshot::list(dir)
+            .map_err(|e| JournalError::io(dir, e))?
+            .into_iter()
+            .map(|(_, p)| p)
+            .collect();
+        let chunks_removed =
+            snapshot::prune_chunks(dir, &kept).map_err(|e| JournalError::io(dir, e))?;
         let evicted = engine.evict_final_orders_before(cutoff_ms);
         tracing::info!(
             lsn = from,
             agreements = info.agreements,
             orders = info.orders,
+            settled_chunks = info.chunks,
+            chunks_removed,
             bytes = info.bytes,
             took_ms = info.took_ms,
             evicted,

@@ -10,7 +10,10 @@
 //! ```
 //! `agreements` is how many agreement entries follow (saturating; 0 = not recorded), so
 //! a load sizes its indexes once. kinds: 1 agreements, 2 orders, 3 notifications; a payload is `count` entries back to
-//! back in the `codec` encoding. Blocks are independent, so loading decodes them on every
+//! back in the `codec` encoding. Kind 4, settled chunks, is the first block when present:
+//! one entry `lo:u64le hi:u64le`, the settled-order chunk files `lo..hi` (see
+//! `engine::chunk_file`) that hold settled orders this snapshot does not copy; the
+//! orders block then holds only the other orders. A load puts those chunks back first. Blocks are independent, so loading decodes them on every
 //! core at once (10M agreements in seconds).
 //!
 //! **Taken while the switch runs.** `replay_from_lsn` is read before the state is
@@ -44,6 +47,7 @@ const BLOCK_BYTES_MAX: usize = 16 * 1024 * 1024;
 const KIND_AGREEMENTS: u8 = 1;
 const KIND_ORDERS: u8 = 2;
 const KIND_OUTBOX: u8 = 3;
+const KIND_CHUNKS: u8 = 4;
 const KIND_END: u8 = 0xFF;
 
 /// File name of the snapshot replaying from `lsn`.
@@ -95,6 +99,8 @@ pub struct SnapshotInfo {
     pub orders: u64,
     /// Notifications written.
     pub notifications: u64,
+    /// Settled-order chunk files referred to (their orders are not in `orders`).
+    pub chunks: u64,
     /// File size.
     pub bytes: u64,
     /// Time taken to visit and write, ms.
@@ -183,7 +189,15 @@ pub fn write(
             err.borrow_mut().get_or_insert(e);
         }
     };
-    let seq = engine.visit_for_snapshot(
+    // Settled chunks already on disk are referred to, not copied: first, so a load puts
+    // them back before any other order (a later copy of a key wins).
+    let (lo, hi) = engine.settled_disk_range();
+    put(KIND_CHUNKS, &|b| {
+        b.extend_from_slice(&lo.to_le_bytes());
+        b.extend_from_slice(&hi.to_le_bytes());
+    });
+    let visited = engine.visit_for_snapshot_from(
+        hi,
         |a| {
             agreements.set(agreements.get() + 1);
             put(KIND_AGREEMENTS, &|b| codec::encode_agreement(a, b));
@@ -207,6 +221,7 @@ pub fn write(
     if let Some(e) = err.into_inner() {
         return Err(e);
     }
+    let seq = visited?;
     let (agreements, orders, notifications) = (agreements.get(), orders.get(), notifications.get());
     let mut w = w.into_inner();
     w.flush()?;
@@ -235,6 +250,7 @@ pub fn write(
             agreements,
             orders,
             notifications,
+            chunks: hi - lo,
             bytes,
             took_ms: started.elapsed().as_millis() as u64,
         },
@@ -292,6 +308,8 @@ pub struct Loaded {
     pub orders: u64,
     /// Notifications.
     pub notifications: u64,
+    /// Of `orders`, settled orders put back from chunk files.
+    pub from_chunk_files: u64,
 }
 
 /// Load a snapshot into a fresh `engine`, decoding blocks on every core. Final orders
@@ -350,9 +368,11 @@ pub fn load(
             });
         }
         drop(rx);
+        let dir = path.parent().unwrap_or(Path::new("."));
         let mut read = || -> Result<(), JournalError> {
             let mut offset = HEADER_LEN as u64;
             let mut entries = 0u64;
+            let mut first = true;
             loop {
                 let mut bh = [0u8; BLOCK_HEADER_LEN];
                 r.read_exact(&mut bh)
@@ -380,6 +400,32 @@ pub fn load(
                     return Err(bad(offset, "block checksum mismatch".into()));
                 }
                 entries += u64::from(count);
+                if std::mem::take(&mut first) {
+                    let (lo, hi) = if kind == KIND_CHUNKS {
+                        let mut d = Dec::new(&payload);
+                        let range = (|| Ok::<_, codec::DecodeError>((d.u64()?, d.u64()?)))()
+                            .map_err(|e| bad(offset, e.to_string()))?;
+                        d.done().map_err(|e| bad(offset, e.to_string()))?;
+                        range
+                    } else {
+                        (0, 0)
+                    };
+                    let n = restore_chunks(engine, dir, lo, hi, cutoff_ms)
+                        .map_err(|e| bad(offset, e))?;
+                    if let Ok(mut t) = totals.lock() {
+                        t.orders += n as u64;
+                        t.from_chunk_files += n as u64;
+                    }
+                    if kind == KIND_CHUNKS {
+                        offset += (BLOCK_HEADER_LEN + len) as u64;
+                        continue;
+                    }
+                } else if kind == KIND_CHUNKS {
+                    return Err(bad(
+                        offset,
+                        "settled chunks listed after other blocks".into(),
+                    ));
+                }
                 if tx.send((kind, count, payload, offset)).is_err() {
                     return Err(bad(offset, "loader threads stopped".into()));
                 }
@@ -396,6 +442,71 @@ pub fn load(
         return Err(e);
     }
     Ok((header, totals.into_inner().unwrap_or_default()))
+}
+
+/// Put back the settled-order chunks `lo..hi` from `dir`, oldest first; returns the
+/// orders put back. When the engine keeps its chunks in `dir` (not a read-only load),
+/// chunk files from `hi` on are removed first: no snapshot kept refers to them (a crash
+/// came before the next snapshot), and new chunks are numbered from `hi` again.
+fn restore_chunks(
+    engine: &Engine,
+    dir: &Path,
+    lo: u64,
+    hi: u64,
+    cutoff_ms: u64,
+) -> Result<usize, String> {
+    if engine.settled_dir() == Some(dir) {
+        crate::engine::chunk_file::remove_where(dir, |seq| seq >= hi)
+            .map_err(|e| format!("removing unreferenced settled chunks: {e}"))?;
+    }
+    engine.number_settled_chunks_from(hi);
+    let mut n = 0;
+    for seq in lo..hi {
+        n += engine.restore_settled_chunk(dir, seq, cutoff_ms)?;
+    }
+    Ok(n)
+}
+
+/// The settled chunks `[lo, hi)` a snapshot refers to (`None`: it refers to none, a
+/// snapshot from before settled chunks were written to files).
+pub fn chunk_range(path: &Path) -> io::Result<Option<(u64, u64)>> {
+    let mut f = File::open(path)?;
+    let mut h = [0u8; HEADER_LEN + BLOCK_HEADER_LEN + 16];
+    if f.read_exact(&mut h).is_err() || h[HEADER_LEN] != KIND_CHUNKS {
+        return Ok(None);
+    }
+    let p = &h[HEADER_LEN + BLOCK_HEADER_LEN..];
+    let crc = u32::from_le_bytes(
+        h[HEADER_LEN + 12..HEADER_LEN + 16]
+            .try_into()
+            .expect("4 bytes"),
+    );
+    if crc32c::crc32c(p) != crc {
+        return Err(io::Error::other(format!(
+            "{}: settled chunk block damaged",
+            path.display()
+        )));
+    }
+    let lo = u64::from_le_bytes(p[..8].try_into().expect("8 bytes"));
+    let hi = u64::from_le_bytes(p[8..].try_into().expect("8 bytes"));
+    Ok(Some((lo, hi)))
+}
+
+/// Remove the settled chunk files in `dir` that none of `kept` (the snapshots kept)
+/// refers to any more: those below the lowest `lo`. Chunks are evicted from the front
+/// only, so the running engine holds none of them either. Nothing is removed when no
+/// kept snapshot lists chunks.
+pub fn prune_chunks(dir: &Path, kept: &[PathBuf]) -> io::Result<usize> {
+    let mut low = None::<u64>;
+    for p in kept {
+        if let Some((lo, _)) = chunk_range(p)? {
+            low = Some(low.map_or(lo, |l| l.min(lo)));
+        }
+    }
+    match low {
+        Some(low) => crate::engine::chunk_file::remove_where(dir, |seq| seq < low),
+        None => Ok(0),
+    }
 }
 
 fn load_block(
