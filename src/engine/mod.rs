@@ -27,6 +27,7 @@ pub mod record;
 mod replay;
 pub mod route;
 pub mod settled;
+mod slot_index;
 #[cfg(test)]
 mod tests;
 
@@ -62,6 +63,9 @@ use crate::health::{Health, HealthConfig, Observation, Override, RoutingMetrics}
 use limits_book::LimitsBook;
 use order::AttemptOutcome;
 use route::{ChannelState, Decision, LocalTime};
+
+/// Shards of the live-order map (see `Engine::new`).
+const ORDER_SHARDS: usize = 256;
 
 /// Default of [`EngineConfig::settle_after_ms`]: one minute of full detail (the admin
 /// view's router reasons) after an order is final. A live order costs ~2 KB of memory in
@@ -374,7 +378,11 @@ impl Engine {
             channel_up: DashMap::new(),
             hasher: PiiHasher::new(pii_secret),
             agreements,
-            orders: DashMap::new(),
+            // Many small shards: a snapshot read-locks one shard at a time while it
+            // encodes it, and retention retains one at a time, so writers to that shard
+            // wait for ~1/256 of the live orders instead of 1/8 (measured: with 8 shards
+            // and 740k live orders each snapshot stalled requests for ~100 ms per shard).
+            orders: DashMap::with_shard_amount(ORDER_SHARDS),
             settled: settled::SettledStore::new(),
             to_settle: Mutex::new(VecDeque::new()),
             by_ref: DashMap::default(),

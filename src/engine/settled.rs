@@ -18,6 +18,7 @@ use std::path::{Path, PathBuf};
 use smallvec::SmallVec;
 
 use super::chunk_file;
+use super::slot_index::SlotIndex;
 
 use super::order::{Attempt, AttemptOutcome, Order, OrderKey, OrderKind, Phase};
 use crate::channel::message::{OrderRef, RspCode};
@@ -142,9 +143,10 @@ type Rec = [u8; REC];
 
 /// Settled orders held compactly: 128-byte records appended in the order orders settle
 /// (which is about the order they finished in), in chunks that retention frees whole,
-/// and a 16-byte-per-entry index from a keyed 64-bit fingerprint of the order key to the
-/// record's slot. Every index hit is checked against the record's key, so two keys with
-/// one fingerprint cost an entry in `spill`, never a wrong answer.
+/// and an 8-byte-per-entry index ([`SlotIndex`]) from a keyed 64-bit fingerprint of the
+/// order key to the slots of records that may hold it. Every candidate is checked against
+/// its record's key, so keys that share the fingerprint bits kept cost a record read,
+/// never a wrong answer.
 ///
 /// With a directory attached ([`SettledStore::attach_dir`], the journal's), a full chunk
 /// is written to its own file ([`chunk_file`]) and its records leave memory: what stays
@@ -161,9 +163,7 @@ type Rec = [u8; REC];
 /// restore and retention, all rare next to reads.
 pub(crate) struct SettledStore {
     arena: std::sync::RwLock<Arena>,
-    index: dashmap::DashMap<u64, u64, nohash_hasher::BuildNoHashHasher<u64>>,
-    /// Keys whose fingerprint another key already holds in `index`.
-    spill: dashmap::DashMap<OrderKey, u64>,
+    index: SlotIndex,
     /// Exact forms of orders that do not fit a record, by slot.
     fallback: dashmap::DashMap<u64, Settled>,
     merchants: super::agreement::Interner<MerchantNo>,
@@ -255,6 +255,12 @@ impl Arena {
 
     fn push(&mut self, r: Rec, finished_ms: u64) -> u64 {
         let slot = self.next_slot();
+        // The index keeps slots modulo 2^32. Unreachable in practice: 2^32 orders held
+        // at once would be ~200 GB of index.
+        assert!(
+            slot - self.first_slot < u64::from(u32::MAX),
+            "more than 2^32 settled orders held"
+        );
         if !matches!(self.chunks.back(), Some(c) if c.len < self.chunk_len) {
             let seq = self.next_seq;
             self.start_chunk(seq);
@@ -264,6 +270,12 @@ impl Arena {
         c.len += 1;
         c.max_finished_ms = c.max_finished_ms.max(finished_ms);
         slot
+    }
+
+    /// A slot the index keeps modulo 2^32, in full: the one at or after `first_slot`
+    /// (fewer than 2^32 slots are ever held at once; see `push`).
+    fn resolve(&self, s: u32) -> u64 {
+        self.first_slot + u64::from(s.wrapping_sub(self.first_slot as u32))
     }
 
     /// The chunk holding `slot` and the slot's place in it.
@@ -306,8 +318,7 @@ impl SettledStore {
     pub(crate) fn with_chunk_len(chunk_len: usize) -> SettledStore {
         SettledStore {
             arena: std::sync::RwLock::new(Arena::new(chunk_len.max(1))),
-            index: dashmap::DashMap::default(),
-            spill: dashmap::DashMap::new(),
+            index: SlotIndex::new(),
             fallback: dashmap::DashMap::new(),
             merchants: super::agreement::Interner::new(),
             channels: super::agreement::Interner::new(),
@@ -484,31 +495,19 @@ impl SettledStore {
         })
     }
 
-    /// The slot holding `key`, checked against the record. An error: a record the index
-    /// points at could not be read and no other place holds the key.
+    /// The slot holding `key`: the index's candidates, each checked against its record.
+    /// An error: a candidate's record could not be read and no other one holds the key.
     fn slot_of(&self, arena: &Arena, key: &OrderKey) -> std::io::Result<Option<u64>> {
         let mut failed = None;
-        let mut holds = |slot: u64| match self.rec(arena, slot) {
-            Ok(r) => r.and_then(|r| self.key_of(&r)).is_some_and(|k| &k == key),
-            Err(e) => {
-                failed = Some(e);
-                false
-            }
-        };
-        if let Some(slot) = self.index.get(&self.fp(key)).map(|s| *s) {
-            if holds(slot) {
-                return Ok(Some(slot));
+        for c in self.index.candidates(self.fp(key)) {
+            let slot = arena.resolve(c);
+            match self.rec(arena, slot) {
+                Ok(Some(r)) if self.key_of(&r).as_ref() == Some(key) => return Ok(Some(slot)),
+                Ok(_) => {}
+                Err(e) => failed = Some(e),
             }
         }
-        if !self.spill.is_empty() {
-            if let Some(slot) = self.spill.get(key).map(|s| *s).filter(|&s| holds(s)) {
-                return Ok(Some(slot));
-            }
-        }
-        match failed {
-            Some(e) => Err(e),
-            None => Ok(None),
-        }
+        failed.map_or(Ok(None), Err)
     }
 
     /// The settled order with this key (`None` too when its record cannot be read;
@@ -527,7 +526,7 @@ impl SettledStore {
     /// damaged or gone), the key counts as settled, so a new order under that id is not
     /// executed (rule 1); the error is logged.
     pub(crate) fn contains_key(&self, key: &OrderKey) -> bool {
-        if !self.index.contains_key(&self.fp(key)) && self.spill.is_empty() {
+        if self.index.candidates(self.fp(key)).is_empty() {
             return false;
         }
         let arena = self.read();
@@ -570,42 +569,42 @@ impl SettledStore {
         }
     }
 
-    /// Point the index (or the spill map) at `slot` for `key`.
+    /// Point the index at `slot` for `key` (replacing the entry of an older record of the
+    /// same key).
     ///
-    /// Lock order: an index entry is never held while the arena lock is taken (readers
-    /// hold the arena lock while they probe the index), so the key behind an occupied
-    /// fingerprint is read first and the entry is then replaced only if unchanged.
+    /// Lock order: no index shard is held while the arena lock is taken (readers hold
+    /// the arena lock while they probe the index), so the candidates are read and
+    /// checked first, and the index then changed only if they are unchanged.
     fn point(&self, key: &OrderKey, slot: u64) {
-        use dashmap::mapref::entry::Entry;
         let fp = self.fp(key);
+        let s32 = slot as u32;
         let added = loop {
-            let held = self.index.get(&fp).map(|s| *s);
-            let same = held.map(|h| {
+            let seen = self.index.candidates(fp);
+            let held = if seen.is_empty() {
+                None
+            } else {
                 let arena = self.read();
-                match self.rec(&arena, h) {
-                    // A slot already evicted holds no other key.
-                    Ok(r) => r.and_then(|r| self.key_of(&r)).map_or(true, |k| &k == key),
-                    // Unreadable: keep both; this key goes to the spill map.
-                    Err(_) => false,
-                }
-            });
-            match (held, same) {
-                (Some(_), Some(false)) => break self.spill.insert(*key, slot).is_none(),
-                _ => match self.index.entry(fp) {
-                    Entry::Vacant(v) if held.is_none() => {
-                        drop(v.insert(slot));
-                        // It may have been in the spill map while another key held the
-                        // fingerprint: one place per key.
-                        break self.spill.is_empty() || self.spill.remove(key).is_none();
-                    }
-                    Entry::Occupied(mut o) if Some(*o.get()) == held => {
-                        o.insert(slot);
+                // An unreadable record does not count as this key's: at worst the key
+                // gets a second entry, both checked on every lookup.
+                seen.iter().copied().find(|&c| {
+                    matches!(self.rec(&arena, arena.resolve(c)),
+                        Ok(Some(r)) if self.key_of(&r).as_ref() == Some(key))
+                })
+            };
+            match held {
+                Some(old) if old == s32 => break false,
+                Some(old) => {
+                    if self.index.replace(fp, old, s32) {
                         break false;
                     }
-                    // Changed meanwhile: look again.
-                    _ => continue,
-                },
+                }
+                None => {
+                    if self.index.insert_if_unchanged(fp, &seen, s32) {
+                        break true;
+                    }
+                }
             }
+            // Changed meanwhile: look again.
         };
         if added {
             self.len.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
@@ -625,12 +624,7 @@ impl SettledStore {
             self.slot_of(&arena, key)
         };
         let Ok(Some(slot)) = slot else { return };
-        let gone = self
-            .index
-            .remove_if(&self.fp(key), |_, s| *s == slot)
-            .is_some()
-            || self.spill.remove_if(key, |_, s| *s == slot).is_some();
-        if gone {
+        if self.index.remove(self.fp(key), slot as u32) {
             self.len.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
         }
         self.fallback.remove(&slot);
@@ -669,11 +663,7 @@ impl SettledStore {
             for (i, r) in recs.iter().enumerate() {
                 let Some(key) = self.key_of(r) else { continue };
                 let slot = first + i as u64;
-                let hit = self
-                    .index
-                    .remove_if(&self.fp(&key), |_, s| *s == slot)
-                    .is_some()
-                    || self.spill.remove_if(&key, |_, s| *s == slot).is_some();
+                let hit = self.index.remove(self.fp(&key), slot as u32);
                 self.fallback.remove(&slot);
                 n += usize::from(hit);
             }
@@ -739,8 +729,7 @@ impl SettledStore {
                     }
                     let Some(key) = self.key_of(r) else { continue };
                     // Only the record the index points at (not one a re-insert replaced).
-                    let current = self.index.get(&self.fp(&key)).is_some_and(|s| *s == slot)
-                        || self.spill.get(&key).is_some_and(|s| *s == slot);
+                    let current = self.index.holds(self.fp(&key), slot as u32);
                     if current {
                         if let Some(s) = self.unpack(slot, r) {
                             f(key, s);
@@ -1018,7 +1007,8 @@ mod tests {
         ]
     }
 
-    fn check_against_model(store: &SettledStore, ops: &[Op]) {
+    /// Apply `ops` (on ids below `ids`) to `store` and to a map; they must agree.
+    fn check_against_model(store: &SettledStore, ops: &[Op], ids: u32) {
         let mut model: HashMap<OrderKey, Settled> = HashMap::new();
         let mut version = 0u64;
         for op in ops {
@@ -1041,7 +1031,7 @@ mod tests {
         }
         assert_eq!(store.len(), model.len());
         for m in 0..3 {
-            for i in 0..400 {
+            for i in 0..ids {
                 let k = key(m, i);
                 assert_eq!(store.get(&k), model.get(&k).cloned(), "{k:?}");
                 assert_eq!(store.contains_key(&k), model.contains_key(&k));
@@ -1052,6 +1042,59 @@ mod tests {
             .for_each(|k, s| assert!(seen.insert(k, s).is_none(), "visited twice"))
             .unwrap();
         assert_eq!(seen, model);
+    }
+
+    /// A store with chunks on disk, then a new store put back from its files and the
+    /// rest copied, as a snapshot and its load do.
+    fn reload_round_trip(ops: &[Op], ids: u32, fp_mask: u64) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = SettledStore::with_chunk_len(8);
+        store.fp_mask = fp_mask;
+        store.attach_dir(dir.path());
+        check_against_model(&store, ops, ids);
+        let before = all(&store);
+        // As a snapshot and its load do: the chunks on disk by number, the rest copied.
+        let (lo, hi) = store.disk_range();
+        let mut rest = Vec::new();
+        store.for_each_from(hi, |k, s| rest.push((k, s))).unwrap();
+        let mut again = SettledStore::with_chunk_len(8);
+        again.fp_mask = fp_mask;
+        again.attach_dir(dir.path());
+        // Other intern numbers than the writer's: the files' names are mapped.
+        again.merchants.intern(MerchantNo::new("OTHER").unwrap());
+        again.channels.intern(ChannelId::new("CHZ").unwrap());
+        again.number_chunks_from(hi);
+        for seq in lo..hi {
+            again.load_chunk(dir.path(), seq, 0).unwrap();
+        }
+        again.insert_all(&rest);
+        for (k, s) in &before {
+            assert_eq!(again.get(k), Some(s.clone()));
+            assert!(again.contains_key(k));
+        }
+        // `remove` is not written to chunk files (see its note): a key removed after
+        // its chunk was written comes back, with a version once inserted.
+        let mut inserted: HashMap<OrderKey, Vec<Settled>> = HashMap::new();
+        let mut version = 0u64;
+        for op in ops {
+            if let Op::Insert(keys) = op {
+                version += 1;
+                for &(m, i) in keys {
+                    inserted
+                        .entry(key(m, i))
+                        .or_default()
+                        .push(settled(i, 100 + version));
+                }
+            }
+        }
+        for (k, s) in all(&again) {
+            if !before.contains_key(&k) {
+                assert!(ops
+                    .iter()
+                    .any(|o| matches!(o, Op::Remove(m, i) if key(*m, *i) == k)));
+                assert!(inserted[&k].contains(&s));
+            }
+        }
     }
 
     fn all(store: &SettledStore) -> HashMap<OrderKey, Settled> {
@@ -1067,7 +1110,7 @@ mod tests {
 
         #[test]
         fn the_store_behaves_like_a_map(ops in prop::collection::vec(op(400), 1..40)) {
-            check_against_model(&SettledStore::new(), &ops);
+            check_against_model(&SettledStore::new(), &ops, 400);
         }
 
         #[test]
@@ -1077,7 +1120,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let store = SettledStore::with_chunk_len(8);
             store.attach_dir(dir.path());
-            check_against_model(&store, &ops);
+            check_against_model(&store, &ops, 400);
             // Every full chunk is on disk and holds no records in memory.
             let a = store.read();
             for c in a.chunks.iter().filter(|c| c.len == 8) {
@@ -1086,53 +1129,15 @@ mod tests {
         }
 
         #[test]
-        fn chunks_on_disk_come_back_in_a_new_store(
-            ops in prop::collection::vec(op(400), 1..40),
-            fp_mask in prop_oneof![Just(u64::MAX), Just(0x7u64)],
+        fn chunks_on_disk_come_back_in_a_new_store(ops in prop::collection::vec(op(400), 1..40)) {
+            reload_round_trip(&ops, 400, u64::MAX);
+        }
+
+        #[test]
+        fn chunks_on_disk_come_back_in_a_new_store_when_fingerprints_collide(
+            ops in prop::collection::vec(op(12), 1..60)
         ) {
-            let dir = tempfile::tempdir().unwrap();
-            let mut store = SettledStore::with_chunk_len(8);
-            store.fp_mask = fp_mask;
-            store.attach_dir(dir.path());
-            check_against_model(&store, &ops);
-            let before = all(&store);
-            // As a snapshot and its load do: the chunks on disk by number, the rest copied.
-            let (lo, hi) = store.disk_range();
-            let mut rest = Vec::new();
-            store.for_each_from(hi, |k, s| rest.push((k, s))).unwrap();
-            let mut again = SettledStore::with_chunk_len(8);
-            again.fp_mask = fp_mask;
-            again.attach_dir(dir.path());
-            // Other intern numbers than the writer's: the files' names are mapped.
-            again.merchants.intern(MerchantNo::new("OTHER").unwrap());
-            again.channels.intern(ChannelId::new("CHZ").unwrap());
-            again.number_chunks_from(hi);
-            for seq in lo..hi {
-                again.load_chunk(dir.path(), seq, 0).unwrap();
-            }
-            again.insert_all(&rest);
-            for (k, s) in &before {
-                prop_assert_eq!(again.get(k), Some(s.clone()));
-                prop_assert!(again.contains_key(k));
-            }
-            // `remove` is not written to chunk files (see its note): a key removed after
-            // its chunk was written comes back, with a version once inserted.
-            let mut inserted: HashMap<OrderKey, Vec<Settled>> = HashMap::new();
-            let mut version = 0u64;
-            for op in &ops {
-                if let Op::Insert(keys) = op {
-                    version += 1;
-                    for &(m, i) in keys {
-                        inserted.entry(key(m, i)).or_default().push(settled(i, 100 + version));
-                    }
-                }
-            }
-            for (k, s) in all(&again) {
-                if !before.contains_key(&k) {
-                    prop_assert!(ops.iter().any(|o| matches!(o, Op::Remove(m, i) if key(*m, *i) == k)));
-                    prop_assert!(inserted[&k].contains(&s));
-                }
-            }
+            reload_round_trip(&ops, 12, 0x7);
         }
 
         #[test]
@@ -1141,21 +1146,27 @@ mod tests {
         ) {
             let mut store = SettledStore::new();
             store.fp_mask = 0x7;
-            check_against_model(&store, &ops);
+            check_against_model(&store, &ops, 12);
         }
     }
 
     #[test]
-    fn a_key_moves_from_the_spill_map_to_the_index_without_a_copy_left_behind() {
+    fn keys_sharing_a_fingerprint_each_keep_one_entry() {
         let mut store = SettledStore::new();
         store.fp_mask = 0; // every key has the same fingerprint
         let (a, b) = (key(0, 1), key(0, 2));
         store.insert_all(&[(a, settled(1, 9)), (b, settled(2, 9))]);
-        assert_eq!(store.spill.len(), 1);
+        assert_eq!(store.index.candidates(0).len(), 2);
         store.remove(&a);
         store.insert_all(&[(b, settled(3, 10))]);
         assert_eq!(store.len(), 1);
+        assert_eq!(
+            store.index.candidates(0).len(),
+            1,
+            "b's entry replaced, a's gone"
+        );
         assert_eq!(store.get(&b), Some(settled(3, 10)));
+        assert_eq!(store.get(&a), None);
         let mut visited = Vec::new();
         store.for_each(|k, s| visited.push((k, s))).unwrap();
         assert_eq!(visited, vec![(b, settled(3, 10))]);
