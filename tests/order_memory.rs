@@ -52,30 +52,7 @@ fn resident_bytes_per_settled_order_with_chunks_on_disk() {
 #[test]
 #[ignore]
 fn snapshot_and_restore_of_settled_orders_with_chunks_on_disk() {
-    let dir = tempfile::tempdir().unwrap();
-    let e = bytes_per_final_order(true, Some(dir.path()));
-    e.settle_final_orders_before(u64::MAX);
-    let n = e.order_count();
-    let t = std::time::Instant::now();
-    let (tmp, info) = sluice::journal::snapshot::write(dir.path(), &e, 1, 0, 0).unwrap();
-    let path = sluice::journal::snapshot::publish(dir.path(), &tmp, 1).unwrap();
-    let wrote = t.elapsed();
-    drop(e);
-    let fresh = engine();
-    fresh.keep_settled_in(dir.path());
-    let t = std::time::Instant::now();
-    let (_, loaded) = sluice::journal::snapshot::load(&path, &fresh, u64::MAX / 2, 0).unwrap();
-    let took = t.elapsed();
-    assert_eq!(fresh.order_count(), n);
-    assert_eq!(loaded.orders as usize, n);
-    eprintln!(
-        "{n} settled orders, {} chunk files: snapshot {} KB written in {:.3} s, restored in {:.2} s ({:.0} orders/s)",
-        info.chunks,
-        info.bytes / 1000,
-        wrote.as_secs_f64(),
-        took.as_secs_f64(),
-        n as f64 / took.as_secs_f64()
-    );
+    snapshot_round_trip(true);
 }
 
 /// Snapshot and restore time with settled orders (`SLUICE_ORDERS`, default 300000): a
@@ -83,28 +60,41 @@ fn snapshot_and_restore_of_settled_orders_with_chunks_on_disk() {
 #[test]
 #[ignore]
 fn snapshot_and_restore_of_settled_orders() {
-    let e = bytes_per_final_order(true, None);
+    snapshot_round_trip(false);
+}
+
+/// Settle `SLUICE_ORDERS` orders (their full chunks in files when `chunks_on_disk`),
+/// snapshot them, restore them into a fresh engine; prints sizes and times.
+fn snapshot_round_trip(chunks_on_disk: bool) {
+    let dir = tempfile::tempdir().unwrap();
+    let e = bytes_per_final_order(true, chunks_on_disk.then_some(dir.path()));
     e.settle_final_orders_before(u64::MAX);
     let n = e.order_count();
-    let dir = tempfile::tempdir().unwrap();
     let t = std::time::Instant::now();
     let (tmp, info) = sluice::journal::snapshot::write(dir.path(), &e, 1, 0, 0).unwrap();
     let path = sluice::journal::snapshot::publish(dir.path(), &tmp, 1).unwrap();
     let wrote = t.elapsed();
     drop(e);
     let fresh = engine();
+    if chunks_on_disk {
+        fresh.keep_settled_in(dir.path());
+    }
     let t = std::time::Instant::now();
     // Restored at a time when all of them are past the detail window.
-    sluice::journal::snapshot::load(&path, &fresh, u64::MAX / 2, 0).unwrap();
-    let loaded = t.elapsed();
-    assert_eq!((info.orders as usize, fresh.order_count()), (n, n));
+    let (_, loaded) = sluice::journal::snapshot::load(&path, &fresh, u64::MAX / 2, 0).unwrap();
+    let took = t.elapsed();
+    assert_eq!((loaded.orders as usize, fresh.order_count()), (n, n));
     assert_eq!(fresh.settled_count(), n);
+    if !chunks_on_disk {
+        assert_eq!((info.orders as usize, info.chunks), (n, 0));
+    }
     eprintln!(
-        "{n} settled orders: snapshot {} MB written in {:.2} s, restored in {:.2} s ({:.0} orders/s)",
-        info.bytes / 1_000_000,
+        "{n} settled orders, {} chunk files: snapshot {} KB written in {:.3} s, restored in {:.2} s ({:.0} orders/s)",
+        info.chunks,
+        info.bytes / 1000,
         wrote.as_secs_f64(),
-        loaded.as_secs_f64(),
-        n as f64 / loaded.as_secs_f64()
+        took.as_secs_f64(),
+        n as f64 / took.as_secs_f64()
     );
 }
 

@@ -42,22 +42,7 @@ pub(crate) fn path(dir: &Path, seq: u64) -> PathBuf {
 
 /// Chunk files in `dir`, by number.
 pub(crate) fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name
-            .strip_prefix("settled-")
-            .and_then(|n| n.strip_suffix(".chunk"))
-        {
-            if let Ok(seq) = n.parse::<u64>() {
-                v.push((seq, e.path()));
-            }
-        }
-    }
-    v.sort();
-    Ok(v)
+    crate::journal::numbered_files(dir, "settled-", ".chunk")
 }
 
 /// The intern tables a chunk's records refer to.
@@ -180,21 +165,10 @@ fn parse(b: &[u8], seq: u64) -> Result<ChunkFile, String> {
         .collect();
     let mut d = Dec::new(&body[recs_len..]);
     let e = |e: codec::DecodeError| e.to_string();
-    let mut names = Names::default();
-    for _ in 0..d.u32().map_err(e)? {
-        let n = d.u8().map_err(e)? as usize;
-        let t = std::str::from_utf8(d.bytes(n).map_err(e)?).map_err(|e| e.to_string())?;
-        names
-            .merchants
-            .push(MerchantNo::new(t).map_err(|_| "bad merchant name")?);
-    }
-    for _ in 0..d.u32().map_err(e)? {
-        let n = d.u8().map_err(e)? as usize;
-        let t = std::str::from_utf8(d.bytes(n).map_err(e)?).map_err(|e| e.to_string())?;
-        names
-            .channels
-            .push(ChannelId::new(t).map_err(|_| "bad channel name")?);
-    }
+    let names = Names {
+        merchants: names(&mut d, |t| MerchantNo::new(t).ok(), "merchant")?,
+        channels: names(&mut d, |t| ChannelId::new(t).ok(), "channel")?,
+    };
     let mut fallback = Vec::new();
     for _ in 0..d.u32().map_err(e)? {
         let i = d.u32().map_err(e)?;
@@ -215,6 +189,21 @@ fn parse(b: &[u8], seq: u64) -> Result<ChunkFile, String> {
         names,
         fallback,
     })
+}
+
+/// A count, then that many names (`len:u8 text`).
+fn names<T>(d: &mut Dec, parse: impl Fn(&str) -> Option<T>, what: &str) -> Result<Vec<T>, String> {
+    let n = d.u32().map_err(|e| e.to_string())?;
+    (0..n)
+        .map(|_| {
+            let len = d.u8().map_err(|e| e.to_string())?;
+            let b = d.bytes(usize::from(len)).map_err(|e| e.to_string())?;
+            std::str::from_utf8(b)
+                .ok()
+                .and_then(&parse)
+                .ok_or_else(|| format!("bad {what} name"))
+        })
+        .collect()
 }
 
 /// Record `i` of chunk `seq`, read from its file (not checked: the whole file was

@@ -48,6 +48,29 @@ use crate::engine::{Engine, Record};
 
 pub use snapshot::SnapshotInfo;
 pub(crate) use writer::sync_dir;
+
+/// The files of `dir` named `{prefix}{number}{suffix}`, by number.
+pub(crate) fn numbered_files(
+    dir: &Path,
+    prefix: &str,
+    suffix: &str,
+) -> io::Result<Vec<(u64, PathBuf)>> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let number = name
+            .strip_prefix(prefix)
+            .and_then(|n| n.strip_suffix(suffix))
+            .and_then(|n| n.parse::<u64>().ok());
+        if let Some(n) = number {
+            v.push((n, e.path()));
+        }
+    }
+    v.sort();
+    Ok(v)
+}
 use writer::{Done, Item};
 
 /// Largest segment file, bytes: bounds the memory a recovery holds per segment and the

@@ -36,19 +36,7 @@ pub fn file_name(first_lsn: u64) -> String {
 
 /// Segment files in `dir`, sorted by first LSN.
 pub fn list(dir: &Path) -> std::io::Result<Vec<(u64, PathBuf)>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name.strip_suffix(".wal") {
-            if let Ok(lsn) = n.parse::<u64>() {
-                v.push((lsn, e.path()));
-            }
-        }
-    }
-    v.sort();
-    Ok(v)
+    super::numbered_files(dir, "", ".wal")
 }
 
 /// The header of a segment starting at `first_lsn`.

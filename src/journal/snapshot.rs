@@ -57,22 +57,7 @@ pub fn file_name(lsn: u64) -> String {
 
 /// Snapshots in `dir`, sorted by replay LSN.
 pub fn list(dir: &Path) -> io::Result<Vec<(u64, PathBuf)>> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(dir)? {
-        let e = e?;
-        let name = e.file_name();
-        let Some(name) = name.to_str() else { continue };
-        if let Some(n) = name
-            .strip_prefix("snapshot-")
-            .and_then(|n| n.strip_suffix(".snap"))
-        {
-            if let Ok(lsn) = n.parse::<u64>() {
-                v.push((lsn, e.path()));
-            }
-        }
-    }
-    v.sort();
-    Ok(v)
+    super::numbered_files(dir, "snapshot-", ".snap")
 }
 
 /// What a snapshot header says.
