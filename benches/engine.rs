@@ -4,7 +4,10 @@
 //!   reading at once;
 //! - the routing decision (`route_debit`, `route_card`) over a two-channel table;
 //! - `Engine::debit`: everything a DEBIT_REQ costs before I/O (duplicate check, agreement
-//!   lookup, routing, order creation, the journal record and the dispatch action).
+//!   lookup, routing, order creation, the journal record and the dispatch action);
+//! - an order lookup with 1M settled orders held: a new id (what every new order's
+//!   duplicate check adds), and a settled order's record with its chunk on disk (one
+//!   `pread`) or in memory.
 
 use std::collections::HashMap;
 use std::hint;
@@ -13,12 +16,13 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sluice::channel::message::AgreementNo;
+use sluice::channel::message::{self as ch, Code};
 use sluice::engine::agreement::{
     Agreement, AgreementStore, ChannelAgreement, ChannelAgreementState, PiiHasher,
     CHANNELS_PER_AGREEMENT_MAX,
 };
 use sluice::engine::route::{route_card, route_debit, Product};
-use sluice::engine::{ChannelConfig, ChannelTable, Engine, EngineConfig};
+use sluice::engine::{Action, ChannelConfig, ChannelTable, DispatchResult, Engine, EngineConfig};
 use sluice::message::{self as lm, AgreementId, BankCode, CardType, ChannelId};
 use sluice::wire::field::Digits;
 use sluice::wire::header::MerchantNo;
@@ -198,11 +202,96 @@ fn debit(c: &mut Criterion) {
     g.finish();
 }
 
+/// An engine holding `n` settled orders `S{i}` (full chunks in files under `dir` when
+/// given), each debited, answered SUCCESS and acknowledged as the switch would.
+fn with_settled(n: u64, dir: Option<&std::path::Path>) -> Engine {
+    let e = Engine::new(EngineConfig::default(), table(), &[7u8; 32], 10_000_000_000);
+    if let Some(d) = dir {
+        e.keep_settled_in(d);
+    }
+    e.agreements().upsert(agreement(e.hasher(), 0));
+    let purpose = lm::Purpose::new("repayment").unwrap();
+    for i in 0..n {
+        let req = lm::DebitReq {
+            order_id: lm::OrderId::new(&format!("S{i}")).unwrap(),
+            agreement_id: AgreementId(1),
+            amount: lm::Fen(100),
+            currency: lm::Currency,
+            purpose,
+        };
+        for act in e.debit(merchant(), &req, i) {
+            match act {
+                Action::Journal(r) => e.record_durable(&r),
+                Action::Dispatch(d) => {
+                    let ch::Message::PayReq(p) = &d.msg else {
+                        panic!("{:?}", d.msg)
+                    };
+                    let (code, class) = Code::OK.pair();
+                    let rsp = ch::Message::PayRsp(ch::PayRsp {
+                        code,
+                        class,
+                        order_ref: p.order_ref,
+                        channel_serial: ch::Serial::new("S1").unwrap(),
+                        amount: p.amount.0,
+                        finished_at_ms: i,
+                    });
+                    for r in e.dispatch_result(&d.token, DispatchResult::Answer(rsp), i) {
+                        match r {
+                            Action::Journal(r) => e.record_durable(&r),
+                            Action::Notify(nt) => drop(e.notify_ack(&merchant(), nt.msg.notify_id)),
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if i % 10_000 == 9_999 {
+            e.settle_final_orders_before(u64::MAX);
+        }
+    }
+    e.settle_final_orders_before(u64::MAX);
+    assert_eq!(e.settled_count() as u64, n);
+    e
+}
+
+fn settled(c: &mut Criterion) {
+    const N: u64 = 1_000_000;
+    let dir = tempfile::tempdir().unwrap();
+    let on_disk = with_settled(N, Some(dir.path()));
+    let in_memory = with_settled(N, None);
+    // Keys made beforehand, so that the loop measures the lookup alone.
+    let keys = |f: &dyn Fn(u64) -> String| -> Vec<_> {
+        (0..65_536u64)
+            .map(|i| (merchant(), lm::OrderId::new(&f(i)).unwrap()))
+            .collect()
+    };
+    let new_ids = keys(&|i| format!("N{}", mix(i)));
+    let held = keys(&|i| format!("S{}", mix(i) % N));
+    let mut g = c.benchmark_group("settled_1M");
+    let mut i = 0usize;
+    g.bench_function("order_new_id", |b| {
+        b.iter(|| {
+            i = (i + 1) % new_ids.len();
+            hint::black_box(on_disk.order(&new_ids[i]))
+        })
+    });
+    for (name, e) in [("order_on_disk", &on_disk), ("order_in_memory", &in_memory)] {
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                i = (i + 1) % held.len();
+                hint::black_box(e.order(&held[i]))
+            })
+        });
+    }
+    g.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default()
         .warm_up_time(Duration::from_secs(1))
         .measurement_time(Duration::from_secs(3));
-    targets = lookup, routing, debit
+    targets = lookup, routing, debit, settled
 }
 criterion_main!(benches);
