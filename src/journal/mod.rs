@@ -49,6 +49,8 @@ use crate::engine::{Engine, Record};
 pub use snapshot::SnapshotInfo;
 pub(crate) use writer::sync_dir;
 
+use writer::{Done, Item};
+
 /// The files of `dir` named `{prefix}{number}{suffix}`, by number.
 pub(crate) fn numbered_files(
     dir: &Path,
@@ -71,7 +73,6 @@ pub(crate) fn numbered_files(
     v.sort();
     Ok(v)
 }
-use writer::{Done, Item};
 
 /// Largest segment file, bytes: bounds the memory a recovery holds per segment and the
 /// work lost when one is damaged.
