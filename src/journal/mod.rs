@@ -347,6 +347,8 @@ pub struct RecoveryReport {
     pub snapshot_agreements: u64,
     /// Orders from the snapshot.
     pub snapshot_orders: u64,
+    /// Of those, settled orders from the chunk files the snapshot lists.
+    pub snapshot_orders_from_chunk_files: u64,
     /// Journal records replayed after the snapshot.
     pub records_replayed: u64,
     /// A torn tail cut off at open.
@@ -597,6 +599,7 @@ impl Recovery {
             report.snapshot = Some(path.clone());
             report.snapshot_agreements = loaded.agreements;
             report.snapshot_orders = loaded.orders;
+            report.snapshot_orders_from_chunk_files = loaded.from_chunk_files;
         }
         let (replayed, resumed) = replay_and_settle(
             engine,
@@ -617,7 +620,9 @@ impl Recovery {
         report.took_ms = started.elapsed().as_millis() as u64;
         tracing::info!(
             snapshot = ?report.snapshot, agreements = report.snapshot_agreements,
-            orders = report.snapshot_orders, replayed = report.records_replayed,
+            orders = report.snapshot_orders,
+            from_chunk_files = report.snapshot_orders_from_chunk_files,
+            replayed = report.records_replayed,
             pending = report.pending.len(), failed = report.failed_orders,
             evicted = report.evicted_orders, took_ms = report.took_ms,
             "journal recovered"

@@ -84,8 +84,9 @@ fn free_pair() -> Result<SocketAddr> {
 fn config(p: &Prepared, limits: &SwitchLimits) -> String {
     // Short engine timers so PENDING orders settle within seconds; final orders move to
     // their compact settled form after one second, so repeats, queries and restarts in
-    // every scenario meet settled orders; fsync so that what the lender was told survives
-    // SIGKILL (money-safety rule 3).
+    // every scenario meet settled orders; a snapshot every 10,000 records (the smallest
+    // allowed), so restarts load snapshots and the settled-order chunk files they list;
+    // fsync so that what the lender was told survives SIGKILL (money-safety rule 3).
     let mut s = format!(
         "# Written by sluice-load chaos.\n\
          [server]\nlisten = \"{}\"\nconnections_max = {}\ninflight_per_session = {}\n\
@@ -95,7 +96,7 @@ fn config(p: &Prepared, limits: &SwitchLimits) -> String {
          [engine]\nchannel_deadline_ms = 500\nquery_delay_ms = 200\nquery_backoff_max_ms = 1000\n\
          not_found_grace_ms = 1500\nnotify_retry_ms = 1000\nnotify_retry_max_ms = 2000\n\
          order_detail_ms = 1000\n\n\
-         [journal]\ndir = \"data\"\npolicy = \"fsync\"\n",
+         [journal]\ndir = \"data\"\npolicy = \"fsync\"\nsnapshot_every_records = 10000\n",
         p.listen, limits.connections_max, limits.inflight_per_session
     );
     for c in &p.channels {
