@@ -4,10 +4,11 @@
 //! A multimap, and only a filter: every slot it gives is checked against its record by
 //! the caller, so two keys that share the bits kept here cost a record read, never a
 //! wrong answer. Open addressing with linear probing over `u64` entries
-//! `tag:u32 | slot:u32`, in 256 shards that each double on their own: the index grows
-//! by 1/256 of its size at a time, never all at once (a `DashMap<u64, u64>` costs 16
-//! bytes an entry plus control bytes, and its shards double whole: ~45 bytes per order
-//! measured with 2M orders).
+//! `tag:u32 | slot:u32`, in 256 shards that each double on their own, so no single
+//! reallocation copies the whole index (fingerprints are uniform, so the shards still
+//! reach their limit at about the same time: RSS grows in steps). A `DashMap<u64, u64>`
+//! costs 16 bytes an entry plus control bytes: 52 bytes per settled order measured with
+//! 2M orders, 35 with this.
 //!
 //! The entry's home bucket comes from its tag, so an entry can be moved without its
 //! key (growth, and backward-shift deletion, which leaves no tombstones). The shard is
