@@ -16,16 +16,18 @@ use std::time::{Duration, Instant};
 
 use criterion::{black_box, criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sluice::channel::message::AgreementNo;
-use sluice::channel::message::{self as ch, Code};
 use sluice::engine::agreement::{
     Agreement, AgreementStore, ChannelAgreement, ChannelAgreementState, PiiHasher,
     CHANNELS_PER_AGREEMENT_MAX,
 };
 use sluice::engine::route::{route_card, route_debit, Product};
-use sluice::engine::{Action, ChannelConfig, ChannelTable, DispatchResult, Engine, EngineConfig};
+use sluice::engine::{ChannelConfig, ChannelTable, Engine, EngineConfig};
 use sluice::message::{self as lm, AgreementId, BankCode, CardType, ChannelId};
 use sluice::wire::field::Digits;
 use sluice::wire::header::MerchantNo;
+
+#[path = "../tests/common/succeed.rs"]
+mod succeed;
 
 const AGREEMENTS: u64 = 1_000_000;
 
@@ -219,33 +221,7 @@ fn with_settled(n: u64, dir: Option<&std::path::Path>) -> Engine {
             currency: lm::Currency,
             purpose,
         };
-        for act in e.debit(merchant(), &req, i) {
-            match act {
-                Action::Journal(r) => e.record_durable(&r),
-                Action::Dispatch(d) => {
-                    let ch::Message::PayReq(p) = &d.msg else {
-                        panic!("{:?}", d.msg)
-                    };
-                    let (code, class) = Code::OK.pair();
-                    let rsp = ch::Message::PayRsp(ch::PayRsp {
-                        code,
-                        class,
-                        order_ref: p.order_ref,
-                        channel_serial: ch::Serial::new("S1").unwrap(),
-                        amount: p.amount.0,
-                        finished_at_ms: i,
-                    });
-                    for r in e.dispatch_result(&d.token, DispatchResult::Answer(rsp), i) {
-                        match r {
-                            Action::Journal(r) => e.record_durable(&r),
-                            Action::Notify(nt) => drop(e.notify_ack(&merchant(), nt.msg.notify_id)),
-                            _ => {}
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
+        succeed::debit_to_success(&e, merchant(), &req, i);
         if i % 10_000 == 9_999 {
             e.settle_final_orders_before(u64::MAX);
         }

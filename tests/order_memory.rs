@@ -3,14 +3,16 @@
 //! test per process (memory freed by one is reused by the next); `SLUICE_ORDERS=N` sets
 //! the number of orders (default 300000).
 
-use sluice::channel::message::{self as ch, Code};
 use sluice::engine::agreement::{
     Agreement, ChannelAgreement, ChannelAgreementState, CHANNELS_PER_AGREEMENT_MAX,
 };
-use sluice::engine::{Action, ChannelConfig, ChannelTable, DispatchResult, Engine, EngineConfig};
+use sluice::engine::{ChannelConfig, ChannelTable, Engine, EngineConfig};
 use sluice::message::{self as lm, AgreementId, BankCode, CardType, ChannelId};
 use sluice::wire::field::Digits;
 use sluice::wire::header::MerchantNo;
+
+#[path = "common/succeed.rs"]
+mod succeed;
 
 fn rss() -> u64 {
     std::fs::read_to_string("/proc/self/status")
@@ -128,7 +130,7 @@ fn bytes_per_final_order(settle: bool, chunk_dir: Option<&std::path::Path>) -> E
     };
     a.add_channel(ChannelAgreement {
         channel: ChannelId::new("CHA").unwrap(),
-        agreement_no: ch::AgreementNo::new("AGR-1").unwrap(),
+        agreement_no: sluice::channel::message::AgreementNo::new("AGR-1").unwrap(),
         state: ChannelAgreementState::Active,
     });
     let id: AgreementId = e.agreements().upsert(a);
@@ -145,35 +147,7 @@ fn bytes_per_final_order(settle: bool, chunk_dir: Option<&std::path::Path>) -> E
             currency: lm::Currency,
             purpose: lm::Purpose::new("x").unwrap(),
         };
-        let acts = e.debit(merchant, &req, i);
-        for act in &acts {
-            match act {
-                Action::Journal(r) => e.record_durable(r),
-                Action::Dispatch(d) => {
-                    let ch::Message::PayReq(p) = &d.msg else {
-                        panic!("{:?}", d.msg)
-                    };
-                    let (code, class) = Code::OK.pair();
-                    let rsp = ch::Message::PayRsp(ch::PayRsp {
-                        code,
-                        class,
-                        order_ref: p.order_ref,
-                        channel_serial: ch::Serial::new("S1").unwrap(),
-                        amount: p.amount.0,
-                        finished_at_ms: i,
-                    });
-                    for r in e.dispatch_result(&d.token, DispatchResult::Answer(rsp), i) {
-                        if let Action::Journal(r) = &r {
-                            e.record_durable(r);
-                        }
-                        if let Action::Notify(nt) = r {
-                            e.notify_ack(&merchant, nt.msg.notify_id);
-                        }
-                    }
-                }
-                _ => {}
-            }
-        }
+        succeed::debit_to_success(&e, merchant, &req, i);
         if settle && i % 10_000 == 9_999 {
             e.settle_final_orders_before(i.saturating_sub(10_000));
         }
