@@ -7,10 +7,11 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Mutex, MutexGuard, OnceLock, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock};
 
 use dashmap::DashMap;
 use ring::hmac;
+use zerocopy::FromBytes;
 
 use crate::channel::message::AgreementNo;
 use crate::message::{AgreementId, AgreementState, BankCode, CardType, ChannelId};
@@ -302,8 +303,102 @@ fn flags_of(w: &Words) -> u8 {
 /// One record slot: a [`Packed`] held in atomic words, so readers copy it without a
 /// lock (see [`Chunk`]). Aligned to 128 bytes: a record is exactly the two cache lines
 /// the adjacent-line prefetcher fetches together, never three.
-#[repr(align(128))]
+#[derive(zerocopy::FromBytes, zerocopy::IntoBytes, zerocopy::KnownLayout)]
+#[repr(C, align(128))]
 struct Slot([AtomicU64; WORDS]);
+
+/// Size of a transparent huge page on x86-64 (and of the arena's full-grown regions).
+const HUGE_PAGE: usize = 2 << 20;
+/// Chunks per region once the arena has grown: one huge page of records.
+const REGION_CHUNKS_MAX: usize = HUGE_PAGE / (CHUNK * std::mem::size_of::<Slot>());
+
+/// A block of record slots from its own anonymous mapping, shared by the chunks cut
+/// from it.
+///
+/// Why not `Box<[Slot]>` per chunk: a lookup of a random agreement among millions is a
+/// DRAM miss on the record *plus* a page walk for its 4 KiB page (128 bytes of records
+/// per agreement spread over ~3k page-table entries per 100 MB, and in a VM each walk is
+/// two-dimensional). The allocator gives no huge pages unless asked with `madvise`, and
+/// `madvise` on an allocator's memory needs `unsafe`, which the crate forbids. A
+/// `memmap2` mapping can be advised safely; a full-grown region is one 2 MiB-aligned
+/// huge page (`MADV_HUGEPAGE`, which this machine's `madvise` THP mode honours), so a
+/// lookup's page walk mostly hits the TLB. `benches/engine.rs` `agreement_lookup_1M`
+/// has the figures (BENCHMARKS.md).
+///
+/// Self-referential (the slots borrow the mapping), hence `ouroboros`; the slots are
+/// a checked zerocopy cast of the mapping's bytes (page-aligned, zero-filled by the
+/// kernel, which is a valid empty record).
+#[ouroboros::self_referencing]
+struct Region {
+    map: memmap2::MmapMut,
+    #[borrows(mut map)]
+    slots: &'this [Slot],
+}
+
+impl Region {
+    /// A region of `chunks` chunks of slots. Full-grown ones are asked to be huge pages.
+    fn map(chunks: usize) -> Region {
+        let bytes = chunks * CHUNK * std::mem::size_of::<Slot>();
+        let huge = bytes % HUGE_PAGE == 0;
+        // A huge page needs a 2 MiB-aligned range: map one page more and use the aligned
+        // part (the rest is never touched, so it costs address space only).
+        let len = if huge { bytes + HUGE_PAGE } else { bytes };
+        let map = memmap2::MmapOptions::new()
+            .len(len)
+            .map_anon()
+            .unwrap_or_else(|e| panic!("agreement arena: cannot map {len} bytes: {e}"));
+        let skip = if huge {
+            (HUGE_PAGE - map.as_ptr() as usize % HUGE_PAGE) % HUGE_PAGE
+        } else {
+            0
+        };
+        if huge {
+            // Advice only: without transparent huge pages the records sit in small
+            // pages, as they did in boxed chunks.
+            let _ = map.advise_range(memmap2::Advice::HugePage, skip, bytes);
+        }
+        RegionBuilder {
+            map,
+            slots_builder: |m: &mut memmap2::MmapMut| {
+                let b: &[Slot] = <[Slot]>::mut_from_bytes(&mut m[skip..skip + bytes])
+                    .expect("a mapping is page-aligned and a whole number of slots");
+                b
+            },
+        }
+        .build()
+    }
+}
+
+/// Cuts chunks' slots from regions that double in size up to [`REGION_CHUNKS_MAX`]
+/// chunks (a small store keeps small mappings; a large one gets huge pages).
+#[derive(Default)]
+struct RegionCursor {
+    current: Option<Arc<Region>>,
+    /// Chunks the current region has left.
+    left: usize,
+    /// Chunks cut so far, from all regions.
+    cut: usize,
+}
+
+impl RegionCursor {
+    /// The region and first slot of the next chunk.
+    fn next(&mut self) -> (Arc<Region>, usize) {
+        let region = match &self.current {
+            Some(r) if self.left > 0 => r.clone(),
+            _ => {
+                let chunks = self.cut.clamp(1, REGION_CHUNKS_MAX);
+                let r = Arc::new(Region::map(chunks));
+                self.current = Some(r.clone());
+                self.left = chunks;
+                r
+            }
+        };
+        let first = (region.borrow_slots().len() / CHUNK - self.left) * CHUNK;
+        self.left -= 1;
+        self.cut += 1;
+        (region, first)
+    }
+}
 
 /// A chunk of the arena: 256 record slots under one sequence lock.
 ///
@@ -318,19 +413,25 @@ struct Chunk {
     first_id: u64,
     seq: AtomicU64,
     writer: Mutex<()>,
-    slots: Box<[Slot]>,
+    /// The region holding this chunk's slots, from slot `first` on.
+    region: Arc<Region>,
+    first: usize,
 }
 
 impl Chunk {
-    fn new(first_id: u64) -> Chunk {
+    fn new(first_id: u64, (region, first): (Arc<Region>, usize)) -> Chunk {
         Chunk {
             first_id,
             seq: AtomicU64::new(0),
             writer: Mutex::new(()),
-            slots: (0..CHUNK)
-                .map(|_| Slot(std::array::from_fn(|_| AtomicU64::new(0))))
-                .collect(),
+            region,
+            first,
         }
+    }
+
+    #[inline]
+    fn slot(&self, off: usize) -> &[AtomicU64; WORDS] {
+        &self.region.borrow_slots()[self.first + off].0
     }
 
     /// Exclusive right to change this chunk's records.
@@ -344,7 +445,7 @@ impl Chunk {
     /// state a writer changes inside its window, such as the spill map, matches the copy).
     #[inline]
     fn read<X>(&self, off: usize, mut extra: impl FnMut(&Words) -> X) -> (Words, X) {
-        let slot = &self.slots[off].0;
+        let slot = self.slot(off);
         let mut spins = 0u32;
         loop {
             let s1 = self.seq.load(Ordering::Acquire);
@@ -367,7 +468,7 @@ impl Chunk {
 
     /// Record `off` as its writer sees it (the caller holds `writer`, so it is stable).
     fn current(&self, _held: &MutexGuard<'_, ()>, off: usize) -> Words {
-        let slot = &self.slots[off].0;
+        let slot = self.slot(off);
         std::array::from_fn(|i| slot[i].load(Ordering::Relaxed))
     }
 
@@ -378,7 +479,7 @@ impl Chunk {
         self.seq.store(s.wrapping_add(1), Ordering::Relaxed);
         fence(Ordering::Release);
         inside();
-        for (w, v) in self.slots[off].0.iter().zip(p.words()) {
+        for (w, v) in self.slot(off).iter().zip(p.words()) {
             w.store(v, Ordering::Relaxed);
         }
         self.seq.store(s.wrapping_add(2), Ordering::Release);
@@ -682,6 +783,8 @@ pub struct AgreementStore {
     /// `id >> CHUNK_BITS` → chunk ordinal in `chunks`.
     dir: Directory,
     chunks: boxcar::Vec<Chunk>,
+    /// Where new chunks' slots come from (used under the directory's grow lock).
+    regions: Mutex<RegionCursor>,
     by_card: FpIndex,
     by_channel_no: FpIndex,
     /// Keys whose fingerprint another slot holds in the index (a fingerprint collision,
@@ -712,6 +815,7 @@ impl AgreementStore {
         AgreementStore {
             dir: Directory::new(),
             chunks: boxcar::Vec::new(),
+            regions: Mutex::new(RegionCursor::default()),
             by_card: FpIndex::new(),
             by_channel_no: FpIndex::new(),
             card_spill: FxDashMap::default(),
@@ -786,7 +890,12 @@ impl AgreementStore {
         }
         let key = id >> CHUNK_BITS;
         let ord = self.dir.get_or_create(key, || {
-            let ord = self.chunks.push(Chunk::new(key << CHUNK_BITS));
+            let slots = self
+                .regions
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .next();
+            let ord = self.chunks.push(Chunk::new(key << CHUNK_BITS, slots));
             assert!(
                 ord < 1 << (32 - CHUNK_BITS),
                 "agreement arena full (2^24 chunks)"
@@ -1238,6 +1347,42 @@ mod tests {
     }
 
     #[test]
+    fn chunks_are_cut_from_doubling_regions_up_to_one_aligned_huge_page() {
+        let mut cursor = RegionCursor::default();
+        let cuts: Vec<_> = (0..3 * REGION_CHUNKS_MAX + 5)
+            .map(|_| cursor.next())
+            .collect();
+        // Regions in the order they were mapped, with the chunks cut from each.
+        let mut regions: Vec<(Arc<Region>, Vec<usize>)> = Vec::new();
+        for (r, first) in cuts {
+            match regions.last_mut() {
+                Some((last, firsts)) if Arc::ptr_eq(last, &r) => firsts.push(first),
+                _ => regions.push((r, vec![first])),
+            }
+        }
+        let sizes: Vec<usize> = regions
+            .iter()
+            .map(|(r, _)| r.borrow_slots().len() / CHUNK)
+            .collect();
+        assert_eq!(&sizes[..9], &[1, 1, 2, 4, 8, 16, 32, 64, 64]);
+        for (r, firsts) in &regions {
+            let slots = r.borrow_slots();
+            // Each chunk of a region once, in order, none past its end.
+            let expect: Vec<usize> = (0..firsts.len()).map(|k| k * CHUNK).collect();
+            assert_eq!(firsts, &expect);
+            assert!(firsts.len() * CHUNK <= slots.len());
+            if slots.len() == REGION_CHUNKS_MAX * CHUNK {
+                assert_eq!(std::mem::size_of_val(*slots), HUGE_PAGE);
+                assert_eq!(slots.as_ptr() as usize % HUGE_PAGE, 0, "huge page aligned");
+            }
+            // Zero-filled by the kernel: an empty record.
+            assert!(slots
+                .iter()
+                .all(|s| s.0.iter().all(|w| w.load(Ordering::Relaxed) == 0)));
+        }
+    }
+
+    #[test]
     fn sparse_ids_past_the_segment_table_still_found() {
         let s = AgreementStore::new();
         // One id per directory segment, more than the segment table takes, then ids at
@@ -1252,6 +1397,8 @@ mod tests {
             assert_eq!(s.insert_exact(a), AgreementId(id));
         }
         assert!(s.dir.sparse_used.load(Ordering::Relaxed));
+        // One chunk per id: the arena is past its small regions, into full-grown ones.
+        assert!(s.regions.lock().unwrap().cut > 2 * REGION_CHUNKS_MAX);
         assert_eq!(s.len(), ids.len());
         for (n, &id) in ids.iter().enumerate() {
             let a = s.get(AgreementId(id)).unwrap();
