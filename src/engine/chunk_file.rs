@@ -206,11 +206,15 @@ fn names<T>(d: &mut Dec, parse: impl Fn(&str) -> Option<T>, what: &str) -> Resul
         .collect()
 }
 
-/// Record `i` of chunk `seq`, read from its file (not checked: the whole file was
-/// checked when it was written or loaded).
-pub(crate) fn read_rec(dir: &Path, seq: u64, i: usize) -> io::Result<[u8; REC]> {
+/// Chunk `seq`'s file, opened for [`read_rec_at`].
+pub(crate) fn open(dir: &Path, seq: u64) -> io::Result<File> {
+    File::open(path(dir, seq))
+}
+
+/// Record `i` of an opened chunk file (not checked: the whole file was checked when it
+/// was written or loaded).
+pub(crate) fn read_rec_at(f: &File, i: usize) -> io::Result<[u8; REC]> {
     use std::os::unix::fs::FileExt;
-    let f = File::open(path(dir, seq))?;
     let mut r = [0u8; REC];
     f.read_exact_at(&mut r, (HEADER_LEN + i * REC) as u64)?;
     Ok(r)
@@ -257,7 +261,10 @@ mod tests {
             (back.seq, back.max_finished_ms, &back.recs, &back.names),
             (7, 123, &c.recs, &c.names)
         );
-        assert_eq!(read_rec(dir.path(), 7, 1).unwrap(), [2u8; REC]);
+        assert_eq!(
+            read_rec_at(&open(dir.path(), 7).unwrap(), 1).unwrap(),
+            [2u8; REC]
+        );
         assert_eq!(list(dir.path()).unwrap().len(), 1, "no temporary file left");
         // Asked for under another number, or with a byte changed: refused.
         std::fs::copy(path(dir.path(), 7), path(dir.path(), 8)).unwrap();
