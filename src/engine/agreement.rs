@@ -952,7 +952,16 @@ impl AgreementStore {
         let last4 = ((w[6] >> 32) as u32).to_le_bytes();
         // Stored zero-padded from valid digits: the length is the count of non-zero bytes.
         let last4_len = (32 - u32::from_le_bytes(last4).leading_zeros()).div_ceil(8);
-        let mut a = Agreement {
+        let channels = match spilled {
+            Some(c) => c,
+            None => {
+                let mut c = [None; CHANNELS_PER_AGREEMENT_MAX];
+                self.inline_channels(w, &mut c);
+                c
+            }
+        };
+        // Built in the return slot, not in a local moved out (a 208-byte `memcpy` call).
+        Some(Agreement {
             id: AgreementId(id),
             merchant: self.merchants.get(w[4] as u32),
             card_hash: hash(w[0], w[1]),
@@ -962,13 +971,8 @@ impl AgreementStore {
             bank: self.banks.get((w[4] >> 32) as u32),
             card_type: CardType::from_u8(tail[6]).expect("stored card type"),
             cancelled: flags & F_CANCELLED != 0,
-            channels: [None; CHANNELS_PER_AGREEMENT_MAX],
-        };
-        match spilled {
-            Some(c) => a.channels = c,
-            None => self.inline_channels(w, &mut a.channels),
-        }
-        Some(a)
+            channels,
+        })
     }
 
     /// The channel agreements kept inline in a record's words (not spilled).

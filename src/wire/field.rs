@@ -197,6 +197,7 @@ macro_rules! text_type {
             /// the copy is a fixed-size move, not a scan. `len` is cut to the width.
             // Not every text type is kept in a compact store.
             #[allow(dead_code)]
+            #[inline]
             pub(crate) fn from_stored(window: &[u8; N], len: usize) -> Self {
                 let len = len.min(N);
                 let mut bytes = *window;
