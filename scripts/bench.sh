@@ -3,6 +3,8 @@
 #
 #   bash scripts/bench.sh            # ~10 minutes after the release build
 #   bash scripts/bench.sh --long     # adds the 10-minute memory-flatness run
+#   bash scripts/bench.sh --report   # rewrites the BENCHMARKS.md block from the last run's
+#                                    # raw results (no run; e.g. after changing this report)
 #
 # What it does (all on 127.0.0.1; every process it starts is stopped by its PID):
 #  1. builds the workspace in release once (CARGO_TARGET_DIR, default target/);
@@ -22,11 +24,13 @@
 set -euo pipefail
 
 LONG=0
+REPORT=0
 for a in "$@"; do
     case "$a" in
     --long) LONG=1 ;;
+    --report) REPORT=1 ;;
     -h | --help)
-        sed -n '2,21p' "$0"
+        sed -n '2,23p' "$0"
         exit 0
         ;;
     *)
@@ -46,11 +50,17 @@ WINDOW="${BENCH_WINDOW:-64}"
 AGREEMENTS="${BENCH_AGREEMENTS:-100000}"
 MERCHANTS=8
 RATES="10000 50000 100000"
+EXPECT_ORDERS=3000000 # per channel, for one switch series (saturation + the three rates)
 SLUICE_PORT=7400 ECHO_PORT=7600 PROXY_PORT=7610 SIM_PORT=7501
+B="$TARGET/release"
+if [ "$REPORT" = 1 ]; then
+    [ -f "$OUT/bench.log" ] || { echo "no earlier run in $OUT" >&2; exit 1; }
+else
 rm -rf "$OUT"
 mkdir -p "$OUT"
 LOG="$OUT/bench.log"
 exec > >(tee "$LOG") 2>&1
+fi
 
 PIDS=()
 cleanup() {
@@ -82,6 +92,7 @@ wait_port() {
 }
 section() { printf '\n=== %s ===\n' "$*"; }
 
+if [ "$REPORT" = 0 ]; then
 section "machine"
 echo "date: $(date -u +%FT%TZ)  commit: $(git rev-parse --short HEAD 2>/dev/null || echo '?')$(git diff --quiet 2>/dev/null || echo '+dirty')"
 echo "cpus: $(nproc)  $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
@@ -90,7 +101,6 @@ rustc --version
 
 section "build (release, once)"
 cargo build --release --workspace --bins
-B="$TARGET/release"
 
 section "tools"
 if ! command -v haproxy >/dev/null; then
@@ -176,7 +186,10 @@ stop "$ECHO_PID"
 # $SLUICE_PID). Config paths are relative to the config file.
 start_switch() {
     local policy=$1
-    start "sim-$policy" "$B/sluice-load" --threads 1 sim --dir "$D"
+    # Ledgers sized for the whole series: a simulator ledger that doubles mid-run stalls
+    # its channel for seconds at millions of orders, which the generator would charge to
+    # the switch.
+    start "sim-$policy" "$B/sluice-load" --threads 1 sim --dir "$D" --expect-orders "$EXPECT_ORDERS"
     SIM_PID=$LAST
     wait_port $SIM_PORT
     wait_port $((SIM_PORT + 1))
@@ -218,8 +231,10 @@ if [ "$PROFILER" = perf ]; then
     load profile-load sluice "127.0.0.1:$SLUICE_PORT" closed || true
     wait "$PERF" || true
     stop "$SLUICE_PID"
-    perf report -i "$OUT/perf.data" --stdio --no-children --percent-limit 1 >"$OUT/profile.txt" 2>/dev/null || true
-    perf report -i "$OUT/perf.data" --stdio --no-children --sort dso >"$OUT/profile-dso.txt" 2>/dev/null || true
+    # Flat (call graphs stay in perf.data): by thread, library and symbol, then by library.
+    perf report -i "$OUT/perf.data" --stdio --no-children -g none --percent-limit 0.7 \
+        --sort comm,dso,sym >"$OUT/profile.txt" 2>/dev/null || true
+    perf report -i "$OUT/perf.data" --stdio --no-children -g none --sort dso >"$OUT/profile-dso.txt" 2>/dev/null || true
 else
     # Callgrind slows the switch ~50x: a short, low-rate open-loop run of debits.
     start sluice-profile valgrind --tool=callgrind --callgrind-out-file="$OUT/callgrind.out" \
@@ -253,6 +268,7 @@ if [ "$LONG" = 1 ]; then
     section "memory over 10 minutes at half of saturation (journal none)"
     SAT=$(jq -r '.throughput_per_s' "$OUT/runs/sluice-fsync-sat.json")
     HALF=$(python3 -c "print(int($SAT/2))")
+    EXPECT_ORDERS=$((HALF * 610))
     # Its own journal directory (the none series' journal would be recovered otherwise).
     sed -e 's/^dir = "data-none"$/dir = "data-long"/' "$D/sluice-none.toml" >"$D/sluice-long.toml"
     grep -q '^dir = "data-long"' "$D/sluice-long.toml"
@@ -274,6 +290,7 @@ fi
 
 section "criterion: benches/engine.rs"
 cargo bench --bench engine -- --noplot 2>&1 | grep -E 'time:|thrpt:|^[a-z]' | tee "$OUT/criterion.txt"
+fi # REPORT = 0
 
 section "summary"
 RES="$ROOT/loadtest/results"
@@ -354,14 +371,29 @@ if long:
         if lr and ts[-1] > ts[3]:
             grown = (kb[-1] - kb[3]) * 1024
             per_order = f"; {grown / (lr['throughput_per_s'] * (ts[-1] - ts[3])):.0f} B per order accepted"
+        # Beside the verdict: how flat it is once the live orders' detail window (60 s by
+        # default) has filled a few times over, from the 240 s sample on.
+        after = ""
+        late = [k for t, k in zip(ts, kb) if t - ts[0] >= 240]
+        if len(late) > 1:
+            late_dev = max(max(late) / late[0] - 1, 1 - min(late) / late[0])
+            after = f"; from 240 s on: {late[0] / 1024:.0f} -> {late[-1] / 1024:.0f} MiB, max deviation {late_dev:.1%}"
         target_row("memory over 10 min at half saturation", f"{kb[3] / 1024:.0f} -> {kb[-1] / 1024:.0f} MiB",
-                   "flat ±5 %", dev <= 0.05, f"max deviation {dev:.1%} from the 30 s sample{per_order}")
+                   "flat ±5 %", dev <= 0.05, f"max deviation {dev:.1%} from the 30 s sample{per_order}{after}")
 else:
     rows.append("| memory over 10 min at half saturation | not run | flat ±5 % | — | `scripts/bench.sh --long` |")
+def profile():
+    # perf: share of samples by library, then the hottest symbols; callgrind: its head.
+    lines = lambda n: [l.rstrip() for l in read(n).splitlines() if l.strip() and not l.startswith("#")]
+    if read("profile-dso.txt"):
+        return "\n".join(lines("profile-dso.txt")[:8] + [""] + lines("profile.txt")[:40])
+    return "\n".join(read("profile.txt").splitlines()[:45])
 crit_rows = []
+# Only what this run measured (target/criterion keeps results of benches since removed).
+ran = set(re.findall(r"^([A-Za-z_0-9]+/\S+)", read("criterion.txt"), re.M))
 for f in sorted(glob.glob(f"{target}/criterion/**/new/estimates.json", recursive=True)):
     name = f[len(f"{target}/criterion/"):-len("/new/estimates.json")]
-    if name.split("/")[0] in ("agreement_lookup_1M", "routing_decision", "engine"):
+    if name in ran and name.split("/")[0] in ("agreement_lookup_1M", "routing_decision", "engine", "settled_1M"):
         e = json.load(open(f))
         crit_rows.append(f"| {name} | {e['median']['point_estimate']:.1f} ns |")
 notes = [read(n) for n in ("journal-none.note", "journal-fsync.note") if read(n)]
@@ -377,7 +409,7 @@ gen += ["", "### Load runs", "", read("table.md"), "",
         "![latency by percentile at saturation](loadtest/results/latency-saturation.svg)", "",
         "### Criterion (benches/engine.rs, median)", "", "| bench | median |", "|---|---|"] + crit_rows
 gen += ["", "### Stock import and memory", "", "```", read("import.txt"), read("mem.txt"), "```", "",
-        "### Profile", "", "```", "\n".join(read("profile.txt").splitlines()[:45]), "```",
+        "### Profile", "", "```", profile(), "```",
         "<!-- bench.sh:end -->"]
 block = "\n".join(gen) + "\n"
 text = open(md).read() if os.path.exists(md) else "# Benchmarks\n\n"

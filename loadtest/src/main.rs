@@ -158,6 +158,10 @@ enum Cmd {
         /// Prepared directory.
         #[arg(long)]
         dir: PathBuf,
+        /// Orders each channel's ledger is sized for up front, so that it does not grow
+        /// (and stall the channel while it moves its entries) during a measured run.
+        #[arg(long, default_value_t = 0)]
+        expect_orders: usize,
     },
     /// Combine JSON reports into a markdown table and an SVG plot.
     Report {
@@ -267,7 +271,7 @@ fn main() -> Result<()> {
 async fn async_main(cmd: Cmd) -> Result<()> {
     match cmd {
         Cmd::EchoServer { listen } => echo::serve(listen).await,
-        Cmd::Sim { dir } => simrun::run(&dir).await,
+        Cmd::Sim { dir, expect_orders } => simrun::run(&dir, expect_orders).await,
         Cmd::Chaos {
             scenario,
             short,

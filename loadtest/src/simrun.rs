@@ -13,10 +13,12 @@ use sluice::sim::{SimConfig, SimHandle, Simulator, SmsMode};
 
 use crate::prepare::Prepared;
 
-/// Start every channel of `dir` and serve until the process is stopped.
-pub async fn run(dir: &Path) -> Result<()> {
+/// Start every channel of `dir` (each ledger sized for `expect_orders` orders) and serve
+/// until the process is stopped.
+pub async fn run(dir: &Path, expect_orders: usize) -> Result<()> {
     let handles = start(dir).await?;
     for (id, sim, loaded) in &handles {
+        sim.reserve_orders(expect_orders);
         println!(
             "channel {id} simulated on {} ({loaded} agreements preloaded, deterministic SMS)",
             sim.addr(),

@@ -392,6 +392,11 @@ impl SimHandle {
             .count()
     }
 
+    /// Make room in the ledger for `orders` more orders (see [`ledger::Ledger::reserve`]).
+    pub fn reserve_orders(&self, orders: usize) {
+        self.shared.bank().ledger.reserve(orders);
+    }
+
     /// Check the books add up (balance and daily usage versus the ledger).
     pub fn check_consistency(&self) -> Result<(), String> {
         self.shared.bank().check_consistency()
