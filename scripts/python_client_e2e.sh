@@ -6,6 +6,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m unittest discover -s protocol/clients/python -q
 cargo build -q --bin sluice
+# README's set-up command is `cargo run --release -- demo`: plain `cargo run` must pick
+# the switch among the package's binaries (it once stopped at "could not determine which
+# binary to run" after sluice-vopr was added).
+cargo run -q -- demo --help >/dev/null
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1]); s.close()')
 dir=$(mktemp -d)
 target=${CARGO_TARGET_DIR:-target}
