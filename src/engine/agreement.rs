@@ -316,8 +316,8 @@ const REGION_CHUNKS_MAX: usize = HUGE_PAGE / (CHUNK * std::mem::size_of::<Slot>(
 /// from it.
 ///
 /// Why not `Box<[Slot]>` per chunk: a lookup of a random agreement among millions is a
-/// DRAM miss on the record *plus* a page walk for its 4 KiB page (128 bytes of records
-/// per agreement spread over ~3k page-table entries per 100 MB, and in a VM each walk is
+/// DRAM miss on the record *plus* a page walk for its 4 KiB page (25k page-table
+/// entries per 100 MB of records, far more than the TLB holds, and in a VM each walk is
 /// two-dimensional). The allocator gives no huge pages unless asked with `madvise`, and
 /// `madvise` on an allocator's memory needs `unsafe`, which the crate forbids. A
 /// `memmap2` mapping can be advised safely; a full-grown region is one 2 MiB-aligned
