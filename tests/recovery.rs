@@ -113,6 +113,20 @@ impl Rig {
         let r = pay_rsp(order_ref_of(d), code);
         self.run(self.engine.dispatch_result(&d.token, r, now_ms))
     }
+
+    /// Debit `{prefix}-{i}` for each `i` on agreements 1..=10 and answer it at once:
+    /// success for even `i`, insufficient funds for odd ones (all final).
+    fn finish_debits(&self, prefix: &str, range: std::ops::Range<u64>, at: u64) {
+        for i in range {
+            let (d, _) = self.debit(&format!("{prefix}-{i}"), 1 + i % 10, at);
+            let code = if i % 2 == 0 {
+                Code::OK
+            } else {
+                Code::INSUFFICIENT_FUNDS
+            };
+            self.answer(&d[0], code, at + 1);
+        }
+    }
 }
 
 fn merchant() -> MerchantNo {
@@ -395,15 +409,7 @@ fn settled_orders_keep_idempotency_through_snapshot_and_restart() {
     for id in 1..=10 {
         rig.add_agreement(id);
     }
-    for i in 0..40 {
-        let (d, _) = rig.debit(&format!("C-{i}"), 1 + i % 10, T0);
-        let code = if i % 2 == 0 {
-            Code::OK
-        } else {
-            Code::INSUFFICIENT_FUNDS
-        };
-        rig.answer(&d[0], code, T0 + 1);
-    }
+    rig.finish_debits("C", 0..40, T0);
     let detail = EngineConfig::default().settle_after_ms;
     assert_eq!(
         rig.engine.settle_due(T0 + detail),
@@ -495,19 +501,8 @@ fn settled_chunks_on_disk_keep_idempotency_through_restarts_and_retention() {
     for id in 1..=10 {
         rig.add_agreement(id);
     }
-    let finish = |rig: &Rig, range: std::ops::Range<u64>, at: u64| {
-        for i in range {
-            let (d, _) = rig.debit(&format!("K-{i}"), 1 + i % 10, at);
-            let code = if i % 2 == 0 {
-                Code::OK
-            } else {
-                Code::INSUFFICIENT_FUNDS
-            };
-            rig.answer(&d[0], code, at + 1);
-        }
-    };
     let n = 2 * CHUNK + 100;
-    finish(&rig, 0..n, T0);
+    rig.finish_debits("K", 0..n, T0);
     let detail = EngineConfig::default().settle_after_ms;
     assert_eq!(rig.engine.settle_due(T0 + detail + 2), n as usize);
     assert_eq!(chunk_files(dir.path()).len(), 2, "two full chunks written");
@@ -522,7 +517,7 @@ fn settled_chunks_on_disk_keep_idempotency_through_restarts_and_retention() {
     assert_repeats_are_duplicates(&rig, CHUNK..CHUNK + 10, T0 + detail + 4);
     // More orders settle after the snapshot: a third file, which no snapshot refers to.
     let t1 = T0 + detail + 10;
-    finish(&rig, n..n + CHUNK, t1);
+    rig.finish_debits("K", n..n + CHUNK, t1);
     assert_eq!(rig.engine.settle_due(t1 + detail + 2), CHUNK as usize);
     assert_eq!(chunk_files(dir.path()).len(), 3);
     drop(rig);
