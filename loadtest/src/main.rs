@@ -25,6 +25,11 @@ mod report;
 mod schedule;
 mod simrun;
 
+/// The switch's allocator (see sluice's `src/main.rs`): `mem` then measures the agreement
+/// store as the switch holds it.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
