@@ -173,17 +173,33 @@ async fn write_loop(
     while let Some(first) = rx.recv().await {
         let mut close = false;
         let mut next = Some(first);
+        let mut yielded = false;
         // Feed everything queued, then flush once: natural batching under load.
-        while let Some(item) = next {
-            close |= item.close;
-            if let Some(s) = item.started {
-                done.push(s);
+        loop {
+            while let Some(item) = next {
+                close |= item.close;
+                if let Some(s) = item.started {
+                    done.push(s);
+                }
+                metrics.record_answer(&item.out.msg);
+                if sink.feed(item.out).await.is_err() {
+                    return;
+                }
+                next = if close { None } else { rx.try_recv().ok() };
             }
-            metrics.record_answer(&item.out.msg);
-            if sink.feed(item.out).await.is_err() {
-                return;
+            if close || yielded {
+                break;
             }
-            next = if close { None } else { rx.try_recv().ok() };
+            // Under load, more answers are one scheduler turn away (requests finishing
+            // on the other worker right now): give them that turn, so one write carries
+            // several (one `writev` per answer before: BENCHMARKS.md). When nothing
+            // else is runnable the turn comes straight back.
+            tokio::task::yield_now().await;
+            yielded = true;
+            next = rx.try_recv().ok();
+            if next.is_none() {
+                break;
+            }
         }
         if SinkExt::<Outgoing>::flush(&mut sink).await.is_err() {
             return;

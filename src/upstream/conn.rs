@@ -376,12 +376,26 @@ async fn write_loop(
                 })
             }
         };
-        while let Some(item) = next.take() {
-            let (WriteItem::Request { id, msg } | WriteItem::Control { id, msg }) = item;
-            cm::encode(&env(id), &msg, &key, seq, &mut buf);
-            seq += 1;
-            if buf.len() < 60 * 1024 {
-                next = rx.try_recv().ok();
+        let mut yielded = false;
+        loop {
+            while let Some(item) = next.take() {
+                let (WriteItem::Request { id, msg } | WriteItem::Control { id, msg }) = item;
+                cm::encode(&env(id), &msg, &key, seq, &mut buf);
+                seq += 1;
+                if buf.len() < 60 * 1024 {
+                    next = rx.try_recv().ok();
+                }
+            }
+            if yielded || buf.len() >= 60 * 1024 {
+                break;
+            }
+            // One scheduler turn for more requests to queue before the write (as the
+            // lender session's writer does).
+            tokio::task::yield_now().await;
+            yielded = true;
+            next = rx.try_recv().ok();
+            if next.is_none() {
+                break;
             }
         }
         if wr.write_all(&buf).await.is_err() {
