@@ -28,7 +28,9 @@ mod ctl;
 /// closed-loop load glibc spent ~9 % of the switch's CPU in its arena locks (`futex` wake
 /// and wait from `malloc`/`free`) and ~6 % in `sysmalloc`, growing back heaps it had just
 /// trimmed (`posix_memalign` of tokio's task cells). mimalloc keeps per-thread free lists
-/// and frees across threads without a lock. Measured in BENCHMARKS.md.
+/// and frees across threads without a lock. Built without its transparent-huge-page
+/// advice (`no_thp`): 2 MiB faults doubled the import's system time on a VM whose THP is
+/// `madvise`-only. Measured in BENCHMARKS.md (sixth session).
 #[global_allocator]
 static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
