@@ -28,6 +28,7 @@ pub mod admin;
 pub mod app;
 pub mod channel;
 pub mod client;
+mod coalesce;
 pub mod config;
 pub mod crypto;
 pub mod dst;

@@ -174,7 +174,8 @@ async fn write_loop(
         let mut close = false;
         let mut next = Some(first);
         let mut yielded = false;
-        // Feed everything queued, then flush once: natural batching under load.
+        // Feed everything queued, wait one scheduler turn for more (`crate::coalesce`),
+        // then flush once.
         loop {
             while let Some(item) = next {
                 close |= item.close;
@@ -190,16 +191,8 @@ async fn write_loop(
             if close || yielded {
                 break;
             }
-            // Under load, more answers are one scheduler turn away (requests finishing
-            // on the other worker right now): give them that turn, so one write carries
-            // several (one `writev` per answer before: BENCHMARKS.md). When nothing
-            // else is runnable the turn comes straight back.
-            tokio::task::yield_now().await;
             yielded = true;
-            next = rx.try_recv().ok();
-            if next.is_none() {
-                break;
-            }
+            next = crate::coalesce::next_after_one_turn(&mut rx).await;
         }
         if SinkExt::<Outgoing>::flush(&mut sink).await.is_err() {
             return;

@@ -389,14 +389,8 @@ async fn write_loop(
             if yielded || buf.len() >= 60 * 1024 {
                 break;
             }
-            // One scheduler turn for more requests to queue before the write (as the
-            // lender session's writer does).
-            tokio::task::yield_now().await;
             yielded = true;
-            next = rx.try_recv().ok();
-            if next.is_none() {
-                break;
-            }
+            next = crate::coalesce::next_after_one_turn(&mut rx).await;
         }
         if wr.write_all(&buf).await.is_err() {
             break;
