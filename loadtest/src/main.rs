@@ -25,11 +25,6 @@ mod report;
 mod schedule;
 mod simrun;
 
-/// The switch's allocator (see sluice's `src/main.rs`): `mem` then measures the agreement
-/// store as the switch holds it.
-#[global_allocator]
-static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -39,6 +34,11 @@ use clap::{Parser, Subcommand, ValueEnum};
 
 use gen::{Mix, Mode, RunConfig, Target};
 use schedule::Schedule;
+
+/// The switch's allocator (see sluice's `src/main.rs`): `mem` then measures the agreement
+/// store as the switch holds it.
+#[global_allocator]
+static ALLOC: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 #[derive(Parser)]
 #[command(name = "sluice-load", version, about = "Load generator for sluice")]

@@ -343,6 +343,9 @@ fn late(ctx: &LinkCtx<'_>, request_id: u64, message: Message, started: Instant) 
     }
 }
 
+/// A write batch stops taking requests past this many encoded bytes (the buffer holds 64 KiB).
+const WRITE_BATCH_BYTES: usize = 60 * 1024;
+
 async fn write_loop(
     ctx: &LinkCtx<'_>,
     live: &Live,
@@ -382,11 +385,11 @@ async fn write_loop(
                 let (WriteItem::Request { id, msg } | WriteItem::Control { id, msg }) = item;
                 cm::encode(&env(id), &msg, &key, seq, &mut buf);
                 seq += 1;
-                if buf.len() < 60 * 1024 {
+                if buf.len() < WRITE_BATCH_BYTES {
                     next = rx.try_recv().ok();
                 }
             }
-            if yielded || buf.len() >= 60 * 1024 {
+            if yielded || buf.len() >= WRITE_BATCH_BYTES {
                 break;
             }
             yielded = true;
