@@ -103,8 +103,10 @@ pub enum Policy {
     /// file is synced at least every N ms. A process crash loses nothing; a power failure
     /// or kernel crash can lose the last ≤ N ms of acknowledged records.
     BatchMs(u64),
-    /// Written, never synced (except at segment ends and snapshots). For benchmarks only:
-    /// a power failure can lose anything not yet flushed by the OS. Logged as a warning.
+    /// Appenders are answered once the batch is written; no append ever waits for a sync.
+    /// A helper thread writes the file back every 4 MiB in the background, and segment
+    /// ends and snapshots are synced. For benchmarks only: a power failure can lose
+    /// anything written since the last of those. Logged as a warning.
     None,
 }
 
@@ -284,8 +286,24 @@ pub(crate) struct Shared {
     snapshot_trigger: Mutex<Option<crossbeam::channel::Sender<()>>>,
     snapshot_lock: Mutex<()>,
     halted: std::sync::atomic::AtomicBool,
+    /// A sync on the syncer thread failed: the writer fails every later item.
+    sync_failed: std::sync::atomic::AtomicBool,
+    /// Tests: while set, the syncer waits for one message per sync job.
+    #[cfg(test)]
+    sync_gate: Mutex<Option<crossbeam::channel::Receiver<()>>>,
     /// Why the writer failed (fail-stop), or `None` while it writes; read by readiness.
     failure: Mutex<Option<String>>,
+}
+
+#[cfg(test)]
+impl Shared {
+    /// Tests: hold the syncer until the test lets one sync through.
+    fn test_sync_gate(&self) {
+        let gate = self.sync_gate.lock().ok().and_then(|g| g.clone());
+        if let Some(rx) = gate {
+            let _ = rx.recv();
+        }
+    }
 }
 
 /// A handle on the open journal; cheap to clone. The writer thread runs until every
@@ -494,6 +512,9 @@ pub fn open(cfg: JournalConfig) -> Result<(Journal, Recovery), JournalError> {
         snapshot_trigger: Mutex::new(None),
         snapshot_lock: Mutex::new(()),
         halted: std::sync::atomic::AtomicBool::new(false),
+        sync_failed: std::sync::atomic::AtomicBool::new(false),
+        #[cfg(test)]
+        sync_gate: Mutex::new(None),
         failure: Mutex::new(None),
         cfg,
     });
@@ -1025,5 +1046,136 @@ impl JournalSink for Journal {
             rx.await
                 .map_err(|_| io::Error::other("journal writer stopped"))?
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    fn open_with(dir: &Path, policy: Policy) -> Journal {
+        let mut cfg = JournalConfig::new(dir);
+        cfg.policy = policy;
+        let (j, r) = open(cfg).unwrap();
+        drop(r);
+        j
+    }
+
+    fn acked(n: u64) -> Vec<Record> {
+        (0..n)
+            .map(|id| Record::NotifyAcked { notify_id: id })
+            .collect()
+    }
+
+    /// Hold the syncer: every sync job waits for one message on the returned sender.
+    fn hold_syncs(j: &Journal) -> crossbeam::channel::Sender<()> {
+        let (tx, rx) = crossbeam::channel::unbounded();
+        *j.shared.sync_gate.lock().unwrap() = Some(rx);
+        tx
+    }
+
+    /// Ask for a sync from another thread and return once the writer has taken it (its
+    /// batch is counted before the writer completes or hands off its items).
+    fn sync_in_background(j: &Journal) -> std::sync::mpsc::Receiver<io::Result<()>> {
+        let before = j.stats().batches;
+        let (tx, rx) = std::sync::mpsc::channel();
+        let j2 = j.clone();
+        std::thread::spawn(move || tx.send(j2.sync_blocking()).unwrap());
+        wait_until("the writer takes the sync", || j.stats().batches > before);
+        rx
+    }
+
+    fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+        let t = Instant::now();
+        while !f() {
+            assert!(
+                t.elapsed() < Duration::from_secs(10),
+                "timed out waiting: {what}"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    /// A snapshot's (or a close's) sync runs off the writer: appends are answered while
+    /// it is held, and it completes, durable through what was written before it, once the
+    /// syncer may run.
+    #[test]
+    fn an_explicit_sync_does_not_hold_appends_back() {
+        for policy in [Policy::None, Policy::BatchMs(1_000)] {
+            let dir = tempfile::tempdir().unwrap();
+            let j = open_with(dir.path(), policy);
+            j.append_all_blocking(&acked(100)).unwrap();
+            let gate = hold_syncs(&j);
+            let rx = sync_in_background(&j);
+            // The sync is handed to the (held) syncer; the writer keeps taking appends.
+            j.append_all_blocking(&acked(1_000)).unwrap();
+            assert!(
+                rx.try_recv().is_err(),
+                "{policy:?}: the sync finished while held"
+            );
+            assert!(
+                j.stats().durable_lsn < 100,
+                "{policy:?}: durable before the sync"
+            );
+            gate.send(()).unwrap();
+            rx.recv_timeout(Duration::from_secs(10)).unwrap().unwrap();
+            assert!(j.stats().durable_lsn >= 100, "{policy:?}: {:?}", j.stats());
+            *j.shared.sync_gate.lock().unwrap() = None;
+            drop(gate);
+            j.close().unwrap();
+            assert_eq!(j.stats().durable_lsn, j.stats().next_lsn - 1);
+        }
+    }
+
+    /// Under `none` nobody asks for a sync, yet the file is written back every
+    /// BACKGROUND_SYNC_BYTES, so a roll or a snapshot finds little left to sync.
+    #[test]
+    fn policy_none_writes_back_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), Policy::None);
+        let mut payload = Vec::new();
+        codec::encode(&Record::NotifyAcked { notify_id: 1 }, &mut payload);
+        let frame = payload.len() as u64 + 16;
+        let n = 3 * writer::BACKGROUND_SYNC_BYTES / frame;
+        j.append_all_blocking(&acked(n)).unwrap();
+        wait_until("a background write-back", || j.stats().durable_lsn > 0);
+        let s = j.stats();
+        assert!(s.fsyncs >= 1, "{s:?}");
+        assert!(s.durable_lsn < s.next_lsn, "{s:?}");
+        j.close().unwrap();
+    }
+
+    /// Under `fsync` every batch is synced inline: a later explicit sync has nothing to
+    /// hand off and completes at once, even with the syncer held.
+    #[test]
+    fn under_fsync_an_explicit_sync_needs_no_syncer() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), Policy::Fsync);
+        j.append_all_blocking(&acked(10)).unwrap();
+        let _gate = hold_syncs(&j);
+        j.sync_blocking().unwrap();
+        assert_eq!(j.stats().durable_lsn, 10);
+    }
+
+    /// A failed sync on the syncer fails the journal: every later append fails.
+    #[test]
+    fn a_failed_sync_on_the_syncer_fails_later_appends() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), Policy::None);
+        j.append_all_blocking(&acked(10)).unwrap();
+        let gate = hold_syncs(&j);
+        let rx = sync_in_background(&j);
+        // Only the syncer sees this: the writer has no batch while it is set (it checks
+        // at the start of a batch, and the sync's batch is past that).
+        j.shared.halted.store(true, Ordering::Release);
+        gate.send(()).unwrap();
+        assert!(rx.recv_timeout(Duration::from_secs(10)).unwrap().is_err());
+        j.shared.halted.store(false, Ordering::Release);
+        assert!(j.failure().is_some());
+        assert!(j
+            .append_blocking(&Record::NotifyAcked { notify_id: 99 })
+            .is_err());
+        assert_eq!(j.stats().durable_lsn, 0);
     }
 }
