@@ -21,6 +21,7 @@
 
 pub mod agreement;
 pub(crate) mod chunk_file;
+mod fifo;
 pub mod limits_book;
 pub mod order;
 pub mod record;
@@ -31,7 +32,6 @@ mod slot_index;
 #[cfg(test)]
 mod tests;
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -304,7 +304,7 @@ pub struct Engine {
     settled: settled::SettledStore,
     /// Final, durable orders in the order they became so, waiting to be settled:
     /// (finished at, key).
-    to_settle: Mutex<VecDeque<(u64, OrderKey)>>,
+    to_settle: Mutex<fifo::ChunkedFifo<(u64, OrderKey)>>,
     by_ref: agreement::FxDashMap<OrderRef, OrderKey>,
     payout_cards: DashMap<OrderKey, PayoutCard>,
     binds: agreement::FxDashMap<u64, PendingBind>,
@@ -313,8 +313,6 @@ pub struct Engine {
     policy: ArcSwap<RoutingPolicy>,
     health: Health,
     book: LimitsBook,
-    /// The last routing decision per order (admin: "why this channel").
-    decisions: DashMap<OrderKey, Decision>,
     /// What each open attempt holds in the limits book, released or spent once.
     reservations: DashMap<OrderRef, Reservation>,
     explore_seq: AtomicU64,
@@ -369,7 +367,6 @@ impl Engine {
             policy: ArcSwap::from_pointee(cfg.routing.clone()),
             health,
             book,
-            decisions: DashMap::new(),
             reservations: DashMap::new(),
             explore_seq: AtomicU64::new(seq_base),
             up_marked: std::sync::atomic::AtomicBool::new(false),
@@ -384,9 +381,11 @@ impl Engine {
             // and 740k live orders each snapshot stalled requests for ~100 ms per shard).
             orders: DashMap::with_shard_amount(ORDER_SHARDS),
             settled: settled::SettledStore::new(),
-            to_settle: Mutex::new(VecDeque::new()),
-            by_ref: DashMap::default(),
-            payout_cards: DashMap::new(),
+            to_settle: Mutex::new(fifo::ChunkedFifo::default()),
+            // As many shards as `orders` (one entry per live attempt, per live payout):
+            // with eight, the shards doubled together, ~10-17 ms each under their lock.
+            by_ref: DashMap::with_hasher_and_shard_amount(Default::default(), ORDER_SHARDS),
+            payout_cards: DashMap::with_shard_amount(ORDER_SHARDS),
             binds: DashMap::default(),
             outbox: DashMap::default(),
             seq: AtomicU64::new(seq_base.max(1)),
@@ -453,7 +452,7 @@ impl Engine {
     /// The last routing decision for an order: candidates in order (with score, fee and
     /// what placed them) and why every other channel was excluded.
     pub fn route_decision(&self, key: &OrderKey) -> Option<Decision> {
-        self.decisions.get(key).map(|d| d.clone())
+        self.orders.get(key)?.decision.as_deref().cloned()
     }
 
     /// Health, breaker, fund and volume figures (render with
@@ -732,28 +731,16 @@ impl Engine {
         if decision.candidates.is_empty() {
             return reject(Reason::NO_CHANNEL);
         }
-        let out = self.accept_order(
+        self.accept_order(
             key,
             kind,
             req.amount.0,
             req.purpose,
-            decision.candidates.clone(),
+            decision,
             None,
             now_ms,
             reply,
-        );
-        self.keep_decision(key, decision, &out);
-        out
-    }
-
-    /// Keep the decision of an order this request accepted (not of a duplicate).
-    fn keep_decision(&self, key: OrderKey, decision: Decision, out: &Actions) {
-        if out
-            .iter()
-            .any(|a| matches!(a, Action::Journal(Record::OrderAccepted { .. })))
-        {
-            self.decisions.insert(key, decision);
-        }
+        )
     }
 
     /// PAYOUT_REQ.
@@ -793,18 +780,16 @@ impl Engine {
             card_no: req.card_no,
             name: req.name,
         };
-        let out = self.accept_order(
+        self.accept_order(
             key,
             kind,
             req.amount.0,
             req.purpose,
-            decision.candidates.clone(),
+            decision,
             Some(card),
             now_ms,
             true,
-        );
-        self.keep_decision(key, decision, &out);
-        out
+        )
     }
 
     /// The answer to a repeated order request, or `None` when the order id is new.
@@ -838,7 +823,7 @@ impl Engine {
         kind: OrderKind,
         amount: u64,
         purpose: Purpose,
-        route: Vec<ChannelId>,
+        decision: Decision,
         card: Option<PayoutCard>,
         now_ms: u64,
         reply: bool,
@@ -847,7 +832,11 @@ impl Engine {
             Ok(r) => r,
             Err(_) => return vec![],
         };
+        let route = decision.candidates.clone();
         let mut order = Order::new(key, kind, amount, purpose, route, now_ms);
+        // Kept with the order, so only an order this request accepted has it (not a
+        // duplicate's).
+        order.decision = Some(Box::new(decision));
         let attempt = *order
             .start_next_attempt(order_ref, now_ms)
             .expect("a new order with candidates may start");

@@ -488,8 +488,10 @@ impl Engine {
         loop {
             let keys: Vec<OrderKey> = {
                 let mut q = self.to_settle.lock().unwrap_or_else(|p| p.into_inner());
-                let n = q.iter().take(BATCH).take_while(|e| e.0 < cutoff_ms).count();
-                q.drain(..n).map(|e| e.1).collect()
+                q.take_front_while(BATCH, |e| e.0 < cutoff_ms)
+                    .into_iter()
+                    .map(|e| e.1)
+                    .collect()
             };
             if keys.is_empty() {
                 return moved;
@@ -514,7 +516,6 @@ impl Engine {
                 for a in &settled.attempts {
                     self.by_ref.remove(&a.order_ref);
                 }
-                self.decisions.remove(key);
                 self.payout_cards.remove(key);
             }
             moved += batch.len();
@@ -526,11 +527,12 @@ impl Engine {
     /// are never dropped.
     pub fn evict_final_orders_before(&self, cutoff_ms: u64) -> usize {
         let mut refs = Vec::new();
-        let mut keys = Vec::new();
-        self.orders.retain(|k, o| {
+        let mut dropped = 0;
+        // The router's decision goes with its order.
+        self.orders.retain(|_, o| {
             let drop = o.phase == Phase::Final && o.finished_at_ms < cutoff_ms;
             if drop {
-                keys.push(*k);
+                dropped += 1;
                 refs.extend(o.attempts.iter().map(|a| a.order_ref));
             }
             !drop
@@ -538,10 +540,6 @@ impl Engine {
         for r in refs {
             self.by_ref.remove(&r);
         }
-        // The router's decision goes with its order (it was kept for the order's detail).
-        for k in &keys {
-            self.decisions.remove(k);
-        }
-        keys.len() + self.settled.evict_before(cutoff_ms)
+        dropped + self.settled.evict_before(cutoff_ms)
     }
 }

@@ -78,6 +78,7 @@ impl Settled {
             finished_at_ms: self.finished_at_ms,
             queries: 0,
             durable: Some(self.outcome),
+            decision: None,
         }
     }
 }

@@ -15,6 +15,14 @@ fn engine(channels: &[&str]) -> Engine {
     )
 }
 
+/// A routing decision with one candidate (orders accepted directly in these tests).
+fn one_channel(c: &str) -> Decision {
+    Decision {
+        candidates: vec![ChannelId::new(c).unwrap()],
+        ..Decision::default()
+    }
+}
+
 fn m() -> MerchantNo {
     MerchantNo::new("M1").unwrap()
 }
@@ -184,7 +192,7 @@ fn racing_acceptance_of_one_order_id_answers_duplicate_without_deadlock() {
             OrderKind::Debit { agreement: a },
             100,
             Purpose::new("p").unwrap(),
-            vec![ChannelId::new("A").unwrap()],
+            one_channel("A"),
             None,
             0,
             true,
@@ -630,7 +638,7 @@ fn acceptance_racing_the_settling_of_the_same_order_never_accepts_it_again() {
                             OrderKind::Debit { agreement: a },
                             100,
                             Purpose::new("p").unwrap(),
-                            vec![ChannelId::new("A").unwrap()],
+                            one_channel("A"),
                             None,
                             2 + round,
                             true,

@@ -529,6 +529,7 @@ pub(crate) fn decode_order(d: &mut Dec) -> Result<Order, DecodeError> {
         queries: 0,
         // Loaded from disk: durable by definition.
         durable: Some(outcome),
+        decision: None,
     })
 }
 
