@@ -291,6 +291,77 @@ impl Packed {
     }
 }
 
+/// A consistent copy of one agreement's record ([`AgreementStore::record`]), decoded
+/// field by field: each accessor reads only the words it needs.
+pub struct AgreementRecord<'s> {
+    store: &'s AgreementStore,
+    id: u64,
+    w: Words,
+    /// The channel agreements of a record that did not fit them inline (rare).
+    spilled: Option<Box<Channels>>,
+}
+
+impl AgreementRecord<'_> {
+    /// sluice's agreement id.
+    pub fn id(&self) -> AgreementId {
+        AgreementId(self.id)
+    }
+
+    /// The merchant that signed it.
+    pub fn merchant(&self) -> MerchantNo {
+        self.store.merchants.get(self.w[4] as u32)
+    }
+
+    /// Keyed hash of the card number.
+    pub fn card_hash(&self) -> PiiHash {
+        let mut h = [0u8; 16];
+        h[..8].copy_from_slice(&self.w[0].to_le_bytes());
+        h[8..].copy_from_slice(&self.w[1].to_le_bytes());
+        h
+    }
+
+    /// The agreement on `channel`, if it has one there.
+    pub fn on_channel(&self, channel: &ChannelId) -> Option<ChannelAgreement> {
+        if let Some(c) = &self.spilled {
+            return c.iter().flatten().find(|c| &c.channel == channel).copied();
+        }
+        let w = &self.w;
+        let tail = w[15].to_le_bytes();
+        let codes = [w[5] as u32, (w[5] >> 32) as u32, w[6] as u32];
+        let mut at = 0;
+        for (i, &code) in codes.iter().enumerate() {
+            if code == 0 {
+                continue;
+            }
+            let len = usize::from(tail[i]);
+            if self.store.channel_codes.get(code - 1) == *channel {
+                let mut nos = [0u8; NOS_INLINE + NO_WIDTH];
+                for (k, w) in w[7..15].iter().enumerate() {
+                    nos[8 * k..8 * k + 8].copy_from_slice(&w.to_le_bytes());
+                }
+                let from = at.min(NOS_INLINE);
+                let mut window = [0u8; NO_WIDTH];
+                window.copy_from_slice(&nos[from..from + NO_WIDTH]);
+                return Some(ChannelAgreement {
+                    channel: *channel,
+                    // Stored from a valid AgreementNo.
+                    agreement_no: AgreementNo(Ascii::from_stored(&window, len)),
+                    state: state_from(tail[3 + i]),
+                });
+            }
+            at += len;
+        }
+        None
+    }
+
+    /// Every field.
+    pub fn decode(&self) -> Agreement {
+        self.store
+            .decode(self.id, &self.w, self.spilled.as_deref().copied())
+            .expect("a record is only handed out when present")
+    }
+}
+
 /// Words of one stored record.
 const WORDS: usize = 16;
 type Words = [u64; WORDS];
@@ -1066,22 +1137,52 @@ impl AgreementStore {
         }
     }
 
-    /// A copy of an agreement.
+    /// A copy of an agreement, every field decoded: [`AgreementStore::record`] then
+    /// [`AgreementRecord::decode`].
     pub fn get(&self, id: AgreementId) -> Option<Agreement> {
-        let slot = self.slot_of(id.0)?;
-        let (w, ()) = self.chunk(slot).read(slot as usize % CHUNK, |_| ());
-        if flags_of(&w) & F_SPILLED != 0 {
-            return self.get_spilled(id.0, slot);
-        }
-        self.decode(id.0, &w, None)
+        self.record(id).map(|r| r.decode())
     }
 
-    /// [`AgreementStore::get`] of a record whose channel agreements are in the spill map.
+    /// The lookup: a consistent copy of agreement `id`'s record (its 128 bytes, read
+    /// under the chunk's sequence lock), decoded field by field on demand.
+    ///
+    /// Why a record and not a decoded [`Agreement`]: building the 208-byte value
+    /// (interned codes, three channel agreement numbers) is some 400 instructions, enough
+    /// to fill the CPU's reorder window while the record's cache miss is outstanding, so
+    /// the next lookup's miss could not start under it. A debit reads the whole agreement
+    /// once (routing) and then only its card hash and the routed channel's agreement;
+    /// those come straight from the copied words.
+    #[inline]
+    pub fn record(&self, id: AgreementId) -> Option<AgreementRecord<'_>> {
+        let slot = self.slot_of(id.0)?;
+        let (w, ()) = self.chunk(slot).read(slot as usize % CHUNK, |_| ());
+        let flags = flags_of(&w);
+        if flags & F_PRESENT == 0 {
+            return None;
+        }
+        if flags & F_SPILLED != 0 {
+            return self.record_spilled(id.0, slot);
+        }
+        Some(AgreementRecord {
+            store: self,
+            id: id.0,
+            w,
+            spilled: None,
+        })
+    }
+
+    /// [`AgreementStore::record`] of a record whose channel agreements are in the spill
+    /// map: they are copied inside the record's read window.
     #[cold]
     #[inline(never)]
-    fn get_spilled(&self, id: u64, slot: u32) -> Option<Agreement> {
+    fn record_spilled(&self, id: u64, slot: u32) -> Option<AgreementRecord<'_>> {
         let (w, spilled) = self.load(slot);
-        self.decode(id, &w, spilled)
+        (flags_of(&w) & F_PRESENT != 0).then(|| AgreementRecord {
+            store: self,
+            id,
+            w,
+            spilled: spilled.map(Box::new),
+        })
     }
 
     /// The slot holding (merchant, card): the spill map first (exact keys, latest
@@ -1732,8 +1833,23 @@ mod tests {
                 assert_eq!(Some(a), model.by_id.get(&a.id));
             });
             assert_eq!(seen, model.by_id.len());
+            let absent = ChannelId::new("NONE").unwrap();
             for (id, a) in &model.by_id {
                 assert_eq!(store.get(*id).as_ref(), Some(a));
+                // The record's accessors decode the same fields as the full copy, for
+                // inline and spilled channel agreements alike.
+                let r = store.record(*id).expect("present");
+                assert_eq!(r.id(), *id);
+                assert_eq!(r.merchant(), a.merchant);
+                assert_eq!(r.card_hash(), a.card_hash);
+                assert_eq!(r.decode(), *a);
+                for ca in a.channels.iter().flatten() {
+                    assert_eq!(
+                        r.on_channel(&ca.channel).as_ref(),
+                        a.on_channel(&ca.channel)
+                    );
+                }
+                assert_eq!(r.on_channel(&absent), None);
                 assert_eq!(store.find_by_card(&a.merchant, &a.card_hash), Some(*id));
                 for ca in a.channels.iter().flatten() {
                     // One channel number held by two agreements (the same card signed by
@@ -1755,6 +1871,7 @@ mod tests {
                 }
             }
             assert_eq!(store.get(AgreementId(u64::MAX)), None);
+            assert!(store.record(AgreementId(u64::MAX)).is_none());
         }
 
         proptest! {

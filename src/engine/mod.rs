@@ -545,7 +545,7 @@ impl Engine {
             OrderKind::Payout { card_hash } => (Product::Payout, Some(*card_hash)),
             OrderKind::Debit { agreement } => (
                 Product::Debit,
-                self.agreements.get(*agreement).map(|a| a.card_hash),
+                self.agreements.record(*agreement).map(|a| a.card_hash()),
             ),
         };
         let table = self.table.load();
@@ -913,8 +913,9 @@ impl Engine {
         let purpose = o.purpose;
         match o.kind {
             OrderKind::Debit { agreement } => {
-                let a = self.agreements.get(agreement)?;
-                let ca = a
+                let ca = self
+                    .agreements
+                    .record(agreement)?
                     .on_channel(channel)
                     .filter(|c| c.state == ChannelAgreementState::Active)?;
                 Some(
