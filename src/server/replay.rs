@@ -1,18 +1,26 @@
 //! Replay protection for lender requests: a timestamp window and request ids remembered
 //! per merchant number for twice that window (protocol/SPEC.md §8). Pure: the caller
 //! passes the clock.
+//!
+//! Every lender request passes here, so the common case is one map read, one mutex and
+//! one hash-set insert: the per-merchant entry is looked up under the map's read lock
+//! (created once, under the write lock), and a new id costs a single keyed hash (`insert`
+//! answers whether it was there). Request ids are chosen by the lender, so the id sets
+//! use a randomly seeded hash (foldhash), not the unseeded FxHash the switch uses for
+//! its own ids; merchant numbers reach this point only once their MAC has verified, so
+//! that map's keys are the configured merchants.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::Mutex;
 
-use dashmap::DashMap;
-
+use crate::engine::agreement::FxDashMap;
 use crate::message::Reason;
 use crate::wire::header::MerchantNo;
 
 #[derive(Default)]
 struct Seen {
-    ids: HashSet<u64>,
+    ids: HashSet<u64, foldhash::fast::RandomState>,
+    /// (forget at, id), oldest first: ids are remembered in arrival order.
     expiry: VecDeque<(u64, u64)>,
 }
 
@@ -20,7 +28,7 @@ struct Seen {
 pub struct ReplayGuard {
     window_ms: u64,
     ids_max: usize,
-    seen: DashMap<MerchantNo, Mutex<Seen>>,
+    seen: FxDashMap<MerchantNo, Mutex<Seen>>,
 }
 
 impl ReplayGuard {
@@ -31,7 +39,7 @@ impl ReplayGuard {
         ReplayGuard {
             window_ms,
             ids_max,
-            seen: DashMap::new(),
+            seen: FxDashMap::default(),
         }
     }
 
@@ -46,24 +54,37 @@ impl ReplayGuard {
         if timestamp_ms.abs_diff(now_ms) > self.window_ms {
             return Err(Reason::STALE_TIMESTAMP);
         }
-        let entry = self.seen.entry(*merchant).or_default();
-        let mut s = entry.lock().unwrap_or_else(|p| p.into_inner());
-        while let Some(&(exp, id)) = s.expiry.front() {
+        match self.seen.get(merchant) {
+            Some(seen) => self.remember(&seen, request_id, now_ms),
+            None => {
+                let seen = self.seen.entry(*merchant).or_default();
+                self.remember(&seen, request_id, now_ms)
+            }
+        }
+    }
+
+    fn remember(&self, seen: &Mutex<Seen>, request_id: u64, now_ms: u64) -> Result<(), Reason> {
+        let mut s = seen.lock().unwrap_or_else(|p| p.into_inner());
+        let Seen { ids, expiry } = &mut *s;
+        while let Some(&(exp, id)) = expiry.front() {
             if exp > now_ms {
                 break;
             }
-            s.expiry.pop_front();
-            s.ids.remove(&id);
+            expiry.pop_front();
+            ids.remove(&id);
         }
-        if s.ids.contains(&request_id) {
+        if ids.len() >= self.ids_max {
+            // Full: a repeat is still told apart from a new id.
+            return Err(if ids.contains(&request_id) {
+                Reason::DUPLICATE_REQUEST_ID
+            } else {
+                Reason::OVERLOADED
+            });
+        }
+        if !ids.insert(request_id) {
             return Err(Reason::DUPLICATE_REQUEST_ID);
         }
-        if s.ids.len() >= self.ids_max {
-            return Err(Reason::OVERLOADED);
-        }
-        s.ids.insert(request_id);
-        s.expiry
-            .push_back((now_ms + 2 * self.window_ms, request_id));
+        expiry.push_back((now_ms + 2 * self.window_ms, request_id));
         Ok(())
     }
 }
@@ -87,6 +108,11 @@ mod tests {
         assert_eq!(g.check(&m, 2, 10_000, 10_600), Ok(()));
         assert_eq!(g.check(&m, 3, 10_000, 10_600), Ok(()));
         assert_eq!(g.check(&m, 4, 10_000, 10_600), Err(Reason::OVERLOADED));
+        // Full, a repeat is still a repeat.
+        assert_eq!(
+            g.check(&m, 3, 10_000, 10_600),
+            Err(Reason::DUPLICATE_REQUEST_ID)
+        );
         // After 2 × window the first ids are forgotten (their timestamps are stale by then).
         assert_eq!(g.check(&m, 1, 12_600, 12_600), Ok(()));
     }
