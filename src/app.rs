@@ -44,6 +44,17 @@ pub trait JournalSink: Send + Sync + 'static {
     /// Resolve once `rec` is durable under the configured policy.
     fn append(&self, rec: Record) -> BoxFuture<'static, std::io::Result<()>>;
 
+    /// Queue `rec` with nobody waiting for it, for a record no answer depends on (a
+    /// lender's NOTIFY_ACK). True when it is queued: it is then written in queue order
+    /// with the records around it, and if writing it fails the journal fails (every
+    /// later append fails, so the switch still stops). False when it cannot be queued
+    /// at once (the writer's queue is full, or this sink has no queue): the caller
+    /// appends it the waiting way. Saves the appender a task, a future and a wake-up.
+    fn try_append_detached(&self, rec: &Record) -> bool {
+        let _ = rec;
+        false
+    }
+
     /// Resolve once every record of `recs` (in order) is durable. The default appends
     /// one at a time; a journal with a writer queue hands them over at once, so the
     /// appender waits for (and is woken by) the writer once instead of once per record.
@@ -110,7 +121,34 @@ pub struct Switch {
     pub tracker: TaskTracker,
 }
 
+/// Records whose durability the engine is told of (`Engine::record_durable`): what a
+/// duplicate or a query may report depends on them.
+fn marks_durable(r: &Record) -> bool {
+    matches!(
+        r,
+        Record::OrderAccepted { .. }
+            | Record::AttemptOutcome { .. }
+            | Record::OrderFinal { .. }
+            | Record::RevocationNotice { .. }
+    )
+}
+
 impl Switch {
+    /// Queue the leading journal records of `actions` that nothing waits for (no reply
+    /// and no engine mark depends on them, such as a NOTIFY_ACK's) without waiting for
+    /// them ([`JournalSink::try_append_detached`]); returns the actions left, from the
+    /// first one that could not be queued so, for [`Switch::execute`] in order.
+    pub fn execute_detached(&self, actions: Actions) -> Actions {
+        let mut it = actions.into_iter().peekable();
+        while let Some(Action::Journal(r)) = it.peek() {
+            if marks_durable(r) || !self.journal.try_append_detached(r) {
+                break;
+            }
+            it.next();
+        }
+        it.collect()
+    }
+
     /// Carry out `actions` in order. A journal record is durable before any later action
     /// runs; dispatch results are fed back to the engine and their actions run next.
     pub async fn execute(self: &Arc<Self>, actions: Actions, reply: Option<&ReplyTo>) {
@@ -126,19 +164,8 @@ impl Switch {
                             recs.push(r);
                         }
                     }
-                    let marks: Vec<Record> = recs
-                        .iter()
-                        .filter(|r| {
-                            matches!(
-                                r,
-                                Record::OrderAccepted { .. }
-                                    | Record::AttemptOutcome { .. }
-                                    | Record::OrderFinal { .. }
-                                    | Record::RevocationNotice { .. }
-                            )
-                        })
-                        .cloned()
-                        .collect();
+                    let marks: Vec<Record> =
+                        recs.iter().filter(|r| marks_durable(r)).cloned().collect();
                     let appended = if recs.len() == 1 {
                         let r = recs.pop().expect("one record");
                         self.journal.append(r).await

@@ -768,3 +768,69 @@ async fn a_slow_ack_record_does_not_hold_the_lenders_next_request() {
     assert_eq!(status(&q), Status::Success, "{q:?}");
     sink.gate.add_permits(1_000);
 }
+
+/// A NOTIFY_ACK's record goes to the journal without a task waiting for it when the
+/// journal can queue it at once (`JournalSink::try_append_detached`), and the waiting
+/// way when it cannot; either way it is journaled once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_ack_record_is_queued_detached_when_the_journal_can() {
+    use sluice::app::JournalSink;
+    use sluice::engine::Record;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+
+    #[derive(Default)]
+    struct Counts {
+        detached: AtomicU64,
+        waited: AtomicU64,
+        refuse_detached: AtomicBool,
+    }
+    impl JournalSink for Counts {
+        fn append(&self, rec: Record) -> futures::future::BoxFuture<'static, std::io::Result<()>> {
+            if matches!(rec, Record::NotifyAcked { .. }) {
+                self.waited.fetch_add(1, Ordering::SeqCst);
+            }
+            Box::pin(async { Ok(()) })
+        }
+        fn try_append_detached(&self, rec: &Record) -> bool {
+            assert!(
+                matches!(rec, Record::NotifyAcked { .. }),
+                "only records nothing waits for are detached: {rec:?}"
+            );
+            if self.refuse_detached.load(Ordering::SeqCst) {
+                return false;
+            }
+            self.detached.fetch_add(1, Ordering::SeqCst);
+            true
+        }
+    }
+    let sink = Arc::new(Counts::default());
+    let bed = Bed::start_with(BedConfig {
+        sink: Some(sink.clone()),
+        ..BedConfig::default()
+    })
+    .await;
+    let c = bed.client().await; // acknowledges notifications itself
+    let agreement = bed.sign(&c, CARD, PHONE).await;
+    async fn wait_for(what: &str, f: impl Fn() -> bool) {
+        let t = std::time::Instant::now();
+        while !f() {
+            assert!(t.elapsed() < Duration::from_secs(10), "timed out: {what}");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    let r = c.call(debit("DET-1", agreement, 100)).await.unwrap();
+    assert_eq!(status(&r), Status::Success, "{r:?}");
+    wait_for("the first ack, detached", || {
+        sink.detached.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    sink.refuse_detached.store(true, Ordering::SeqCst);
+    let r = c.call(debit("DET-2", agreement, 100)).await.unwrap();
+    assert_eq!(status(&r), Status::Success, "{r:?}");
+    wait_for("the second ack, waited for", || {
+        sink.waited.load(Ordering::SeqCst) == 1
+    })
+    .await;
+    assert_eq!(sink.detached.load(Ordering::SeqCst), 1);
+}

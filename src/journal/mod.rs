@@ -1002,6 +1002,23 @@ impl JournalSink for Journal {
         self.append_all(vec![rec])
     }
 
+    fn try_append_detached(&self, rec: &Record) -> bool {
+        // A queue slot like any append (the queue stays bounded); none free, the caller
+        // waits for one the usual way.
+        let Ok(permit) = self.slots.clone().try_acquire_owned() else {
+            return false;
+        };
+        let mut payload = Vec::with_capacity(128);
+        codec::encode(rec, &mut payload);
+        self.tx
+            .send(Item::Append {
+                payload,
+                done: Done::Silent,
+                permit: Some(permit),
+            })
+            .is_ok()
+    }
+
     fn append_all(&self, recs: Vec<Record>) -> BoxFuture<'static, io::Result<()>> {
         // Encoding happens here, on the appending task, in parallel across sessions;
         // the writer only frames and writes.
@@ -1095,6 +1112,87 @@ mod tests {
             );
             std::thread::sleep(Duration::from_millis(2));
         }
+    }
+
+    /// Every record in `dir`'s segments, in LSN order.
+    fn records_in(dir: &Path) -> Vec<Record> {
+        let mut out = Vec::new();
+        let segs = segment::list(dir).unwrap();
+        let mut next = segs.first().map(|s| s.0).unwrap_or(1);
+        for (i, (_, path)) in segs.iter().enumerate() {
+            let bytes = std::fs::read(path).unwrap();
+            segment::scan(&bytes, &mut next, i + 1 == segs.len(), |_, payload| {
+                out.push(codec::decode(payload).map_err(|e| e.to_string())?);
+                Ok(())
+            })
+            .unwrap();
+        }
+        out
+    }
+
+    /// A detached record is written in queue order among waited-for ones, and counts
+    /// against the queue bound like them.
+    #[test]
+    fn detached_appends_are_written_in_queue_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), Policy::Fsync);
+        let rec = |id| Record::NotifyAcked { notify_id: id };
+        j.append_blocking(&rec(1)).unwrap();
+        assert!(j.try_append_detached(&rec(2)));
+        j.append_blocking(&rec(3)).unwrap();
+        assert!(j.try_append_detached(&rec(4)));
+        j.close().unwrap();
+        let ids: Vec<u64> = records_in(dir.path())
+            .into_iter()
+            .map(|r| match r {
+                Record::NotifyAcked { notify_id } => notify_id,
+                other => panic!("unexpected {other:?}"),
+            })
+            .collect();
+        assert_eq!(ids, [1, 2, 3, 4]);
+    }
+
+    /// With the writer's queue full a detached append is refused (the caller then waits
+    /// for a slot), and it takes a slot of its own while queued.
+    #[test]
+    fn a_full_queue_refuses_a_detached_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), Policy::None);
+        let all = j.slots.available_permits();
+        let held = j.slots.clone().try_acquire_many_owned(all as u32).unwrap();
+        assert!(!j.try_append_detached(&Record::NotifyAcked { notify_id: 1 }));
+        drop(held);
+        assert!(j.try_append_detached(&Record::NotifyAcked { notify_id: 2 }));
+        j.sync_blocking().unwrap();
+        wait_until("the slot is given back", || {
+            j.slots.available_permits() == all
+        });
+        j.close().unwrap();
+        assert_eq!(
+            records_in(dir.path()),
+            [Record::NotifyAcked { notify_id: 2 }]
+        );
+    }
+
+    /// After a failed write a detached record fails like any other: nothing after the
+    /// failure is written, and the next waited-for append reports the failure.
+    #[test]
+    fn a_failed_journal_fails_what_follows_a_detached_append() {
+        let dir = tempfile::tempdir().unwrap();
+        let j = open_with(dir.path(), Policy::Fsync);
+        j.append_blocking(&Record::NotifyAcked { notify_id: 1 })
+            .unwrap();
+        j.shared.halted.store(true, Ordering::Release);
+        assert!(j.try_append_detached(&Record::NotifyAcked { notify_id: 2 }));
+        assert!(j
+            .append_blocking(&Record::NotifyAcked { notify_id: 3 })
+            .is_err());
+        assert!(j.failure().is_some());
+        j.shared.halted.store(false, Ordering::Release);
+        assert_eq!(
+            records_in(dir.path()),
+            [Record::NotifyAcked { notify_id: 1 }]
+        );
     }
 
     /// A snapshot's (or a close's) sync runs off the writer: appends are answered while
