@@ -159,7 +159,7 @@ pub struct JournalSection {
     /// restarts), hours; 1..=8760, default 168 (7 days).
     pub retention_hours: u64,
     /// A snapshot is taken after this many journal records (restart replays at most about
-    /// this many); 10_000..=1_000_000_000, default 1_000_000.
+    /// this many); 10_000..=1_000_000_000, default 4_000_000.
     pub snapshot_every_records: u64,
 }
 

@@ -86,8 +86,13 @@ pub const SEGMENT_BYTES_DEFAULT: u64 = 64 << 20;
 pub const QUEUE_MAX_DEFAULT: usize = 65_536;
 /// Compile-time maximum of the queue bound.
 pub const QUEUE_MAX_MAX: usize = 1 << 20;
-/// Default records between snapshots: replaying 1M records takes well under a second.
-pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 1_000_000;
+/// Default records between snapshots. A restart replays at most about this many
+/// (~3 s at the measured 1.34M records/s). Not fewer: a snapshot rewrites every live
+/// order, and at 20k debits/s (~80k records/s, 1.2M live orders in the 60 s detail
+/// window) one every 1M records was one every 12 s and ~16 % of the switch's CPU, which
+/// tipped a 2-core machine into overload once the window had filled (BENCHMARKS.md,
+/// ninth session).
+pub const SNAPSHOT_EVERY_RECORDS_DEFAULT: u64 = 4_000_000;
 /// Default idempotency retention: a final order is remembered 7 days, across restarts.
 pub const RETENTION_MS_DEFAULT: u64 = 7 * 24 * 3_600_000;
 /// Longest `batch-ms` window accepted: more would make "bounded loss" meaningless.
