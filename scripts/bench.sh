@@ -396,7 +396,7 @@ crit_rows = []
 ran = set(re.findall(r"^([A-Za-z_0-9]+/\S+)", read("criterion.txt"), re.M))
 for f in sorted(glob.glob(f"{target}/criterion/**/new/estimates.json", recursive=True)):
     name = f[len(f"{target}/criterion/"):-len("/new/estimates.json")]
-    if name in ran and name.split("/")[0] in ("agreement_lookup_1M", "routing_decision", "engine", "settled_1M"):
+    if name in ran and name.split("/")[0] in ("agreement_lookup_1M", "routing_decision", "engine", "settled_1M", "replay_guard"):
         e = json.load(open(f))
         crit_rows.append(f"| {name} | {e['median']['point_estimate']:.1f} ns |")
 notes = [read(n) for n in ("journal-none.note", "journal-fsync.note") if read(n)]
