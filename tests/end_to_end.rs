@@ -704,6 +704,21 @@ async fn admin_port_imports_stock_agreements_and_serves_metrics() {
     .expect("bounded");
 }
 
+/// A bed journaling to `sink`, a client that acknowledges notifications itself, and a
+/// card it signed.
+async fn signed_with_sink(
+    sink: std::sync::Arc<dyn sluice::app::JournalSink>,
+) -> (Bed, sluice::client::Client, u64) {
+    let bed = Bed::start_with(BedConfig {
+        sink: Some(sink),
+        ..BedConfig::default()
+    })
+    .await;
+    let c = bed.client().await;
+    let agreement = bed.sign(&c, CARD, PHONE).await;
+    (bed, c, agreement)
+}
+
 /// A NOTIFY_ACK's journal record is written off the session's reader: the lender's next
 /// request on the same connection is answered while that record still waits for the
 /// journal. (It used to be awaited inline: one journal round trip — an fsync — per ack
@@ -738,13 +753,7 @@ async fn a_slow_ack_record_does_not_hold_the_lenders_next_request() {
         gate: Arc::new(tokio::sync::Semaphore::new(0)),
         held: AtomicU64::new(0),
     });
-    let bed = Bed::start_with(BedConfig {
-        sink: Some(sink.clone()),
-        ..BedConfig::default()
-    })
-    .await;
-    let c = bed.client().await; // acknowledges notifications itself
-    let agreement = bed.sign(&c, CARD, PHONE).await;
+    let (_bed, c, agreement) = signed_with_sink(sink.clone()).await; // the bed lives to the end
     let r = c.call(debit("ACK-1", agreement, 100)).await.unwrap();
     assert_eq!(status(&r), Status::Success, "{r:?}");
     let t = std::time::Instant::now();
@@ -805,13 +814,7 @@ async fn an_ack_record_is_queued_detached_when_the_journal_can() {
         }
     }
     let sink = Arc::new(Counts::default());
-    let bed = Bed::start_with(BedConfig {
-        sink: Some(sink.clone()),
-        ..BedConfig::default()
-    })
-    .await;
-    let c = bed.client().await; // acknowledges notifications itself
-    let agreement = bed.sign(&c, CARD, PHONE).await;
+    let (_bed, c, agreement) = signed_with_sink(sink.clone()).await; // the bed lives to the end
     async fn wait_for(what: &str, f: impl Fn() -> bool) {
         let t = std::time::Instant::now();
         while !f() {
