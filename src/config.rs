@@ -129,6 +129,9 @@ pub struct EngineSection {
     pub notify_retry_max_ms: u64,
     /// Full detail of a final order kept this long, ms; then its compact form.
     pub order_detail_ms: u64,
+    /// At most this many final orders in full detail; past it the oldest go to their
+    /// compact form early (bounds memory and snapshots at high order rates).
+    pub order_detail_max: usize,
 }
 
 impl Default for EngineSection {
@@ -143,6 +146,7 @@ impl Default for EngineSection {
             notify_retry_ms: e.notify_retry_ms,
             notify_retry_max_ms: e.notify_retry_max_ms,
             order_detail_ms: e.settle_after_ms,
+            order_detail_max: e.detailed_final_max,
         }
     }
 }
@@ -562,6 +566,13 @@ impl Config {
                 "must be 1000..=86400000 (one second to one day)",
             ));
         }
+        if e.order_detail_max > 100_000_000 {
+            return Err(invalid(
+                "engine.order_detail_max",
+                e.order_detail_max,
+                "must be 0..=100000000 (0: every final order is compacted at the next pass)",
+            ));
+        }
         self.journal_config()?;
         if self.channels.is_empty() {
             return Err(invalid(
@@ -828,6 +839,7 @@ impl Config {
             notify_retry_ms: e.notify_retry_ms,
             notify_retry_max_ms: e.notify_retry_max_ms,
             settle_after_ms: e.order_detail_ms,
+            detailed_final_max: e.order_detail_max,
             ref_prefix,
             routing: self.routing_policy(),
             health: self.health_config(),
@@ -1224,6 +1236,30 @@ institution = "SLUICE01"
                 .to_string();
             assert!(e.contains(want), "{extra:?}: {e}");
         }
+    }
+
+    #[test]
+    fn order_detail_bounds_are_checked_and_applied() {
+        let d = Config::parse(MIN, "t").unwrap().engine_config("S".into());
+        assert_eq!(
+            (d.settle_after_ms, d.detailed_final_max),
+            (
+                crate::engine::SETTLE_AFTER_MS_DEFAULT,
+                crate::engine::DETAILED_FINAL_MAX_DEFAULT
+            )
+        );
+        let text = MIN.replace(
+            "[keys]",
+            "[engine]\norder_detail_ms = 5000\norder_detail_max = 250\n[keys]",
+        );
+        let e = Config::parse(&text, "t").unwrap().engine_config("S".into());
+        assert_eq!((e.settle_after_ms, e.detailed_final_max), (5_000, 250));
+        let bad = MIN.replace("[keys]", "[engine]\norder_detail_max = 100000001\n[keys]");
+        let err = Config::parse(&bad, "t").unwrap_err().to_string();
+        assert!(
+            err.contains("engine.order_detail_max = 100000001") && err.contains("0..=100000000"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -305,7 +305,7 @@ pub(super) fn order_text(sw: &Switch, m: &str, o: &str) -> Option<String> {
     } else {
         let _ = writeln!(
             out,
-            "router reasons not held (memory only, until engine.order_detail_ms after the order is final, and not across restarts)"
+            "router reasons not held (memory only, until engine.order_detail_ms after the order is final or while fewer than engine.order_detail_max final orders are held, and not across restarts)"
         );
     }
     Some(out)

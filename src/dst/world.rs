@@ -167,6 +167,9 @@ struct Faults {
     /// a seed's run is what it was before settling existed, and the lender must see no
     /// difference.
     settle_after_ms: u64,
+    /// Most final orders kept in full detail (`EngineConfig::detailed_final_max`); past
+    /// it the oldest settle early. Drawn from the same own stream as the window.
+    detailed_final_max: usize,
 }
 
 struct World {
@@ -264,11 +267,12 @@ fn card_number(n: u64) -> String {
     format!("{body}{}", (10 - sum % 10) % 10)
 }
 
-fn engine_config(inc: u32, settle_after_ms: u64) -> EngineConfig {
+fn engine_config(inc: u32, settle_after_ms: u64, detailed_final_max: usize) -> EngineConfig {
     EngineConfig {
         // Unique per start, as `main.rs` derives it from the start time.
         ref_prefix: format!("R{inc}"),
         settle_after_ms,
+        detailed_final_max,
         ..EngineConfig::default()
     }
 }
@@ -304,6 +308,10 @@ impl World {
                     &mut own,
                     &[0, 500, 3_000, crate::engine::SETTLE_AFTER_MS_DEFAULT],
                 )
+            },
+            detailed_final_max: {
+                let mut own = Rng::new(seed ^ 0xde7a_11ed_de7a_11ed);
+                [0, 5, 40, crate::engine::DETAILED_FINAL_MAX_DEFAULT][own.below(4) as usize]
             },
         };
         let nch = 2 + rng.below(2) as usize;
@@ -1341,7 +1349,7 @@ impl World {
     fn new_engine(&mut self) -> Result<Engine, Violation> {
         let dir = self.dir().map_err(|err| ("snapshot", err.to_string()))?;
         let e = Engine::new(
-            engine_config(self.inc, self.f.settle_after_ms),
+            engine_config(self.inc, self.f.settle_after_ms, self.f.detailed_final_max),
             self.table(),
             &PII_SECRET,
             self.now * 1000,

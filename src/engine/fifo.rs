@@ -56,8 +56,7 @@ impl<T: Copy> ChunkedFifo<T> {
         }
     }
 
-    /// Entries queued (tests: the engine only takes from the front).
-    #[cfg(test)]
+    /// Entries queued.
     pub fn len(&self) -> usize {
         self.len
     }

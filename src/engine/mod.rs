@@ -73,6 +73,15 @@ const ORDER_SHARDS: usize = 256;
 /// 8.8k orders/s for one minute (BENCHMARKS.md).
 pub const SETTLE_AFTER_MS_DEFAULT: u64 = 60_000;
 
+/// Default of [`EngineConfig::detailed_final_max`]: at most this many final orders keep
+/// their full detail; past it the oldest settle before their window ends. The window
+/// alone let memory and every snapshot grow with the order rate: at 23k debits/s the
+/// 60 s window held ~1.4M live orders (~2.8 GB) and each snapshot rewrote them all, a
+/// 1.5-3 s pass that stalled a loaded 2-core machine (BENCHMARKS.md, eleventh session).
+/// 100,000 keeps the whole minute up to ~1,700 final orders a second and bounds the
+/// detailed part at ~200 MB and ~0.2 s of snapshot.
+pub const DETAILED_FINAL_MAX_DEFAULT: usize = 100_000;
+
 /// Engine settings (times in milliseconds).
 #[derive(Debug, Clone)]
 pub struct EngineConfig {
@@ -103,6 +112,10 @@ pub struct EngineConfig {
     /// reference index) this long after it finished; then only its compact
     /// [`settled::Settled`] form is kept for the rest of the idempotency retention.
     pub settle_after_ms: u64,
+    /// At most this many final, durable orders keep their full detail at once: when more
+    /// are waiting to settle, the oldest settle before `settle_after_ms` has passed
+    /// (memory and snapshot size stay bounded whatever the order rate).
+    pub detailed_final_max: usize,
 }
 
 impl Default for EngineConfig {
@@ -119,6 +132,7 @@ impl Default for EngineConfig {
             routing: RoutingPolicy::default(),
             health: HealthConfig::default(),
             settle_after_ms: SETTLE_AFTER_MS_DEFAULT,
+            detailed_final_max: DETAILED_FINAL_MAX_DEFAULT,
         }
     }
 }

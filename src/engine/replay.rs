@@ -467,9 +467,13 @@ impl Engine {
     }
 
     /// Settle the orders whose detail window ended by `now_ms` (see
-    /// [`Engine::settle_final_orders_before`]).
+    /// [`Engine::settle_final_orders_before`]), and the oldest final orders beyond
+    /// `EngineConfig::detailed_final_max` whatever their age.
     pub fn settle_due(&self, now_ms: u64) -> usize {
-        self.settle_final_orders_before(now_ms.saturating_sub(self.cfg.settle_after_ms))
+        self.settle_final_orders(
+            now_ms.saturating_sub(self.cfg.settle_after_ms),
+            self.cfg.detailed_final_max,
+        )
     }
 
     /// Move final, durable orders that finished before `cutoff_ms` to their compact
@@ -483,15 +487,27 @@ impl Engine {
     /// entry's lock (see `accept_order`). A final order never changes, so the copy taken
     /// here stays exact.
     pub fn settle_final_orders_before(&self, cutoff_ms: u64) -> usize {
+        self.settle_final_orders(cutoff_ms, usize::MAX)
+    }
+
+    /// [`Engine::settle_final_orders_before`] `cutoff_ms`, and beyond that the oldest
+    /// queued final orders until at most `keep_max` are left waiting (taken in the order
+    /// their final records became durable).
+    pub fn settle_final_orders(&self, cutoff_ms: u64, keep_max: usize) -> usize {
         const BATCH: usize = 4096;
         let mut moved = 0;
         loop {
             let keys: Vec<OrderKey> = {
                 let mut q = self.to_settle.lock().unwrap_or_else(|p| p.into_inner());
-                q.take_front_while(BATCH, |e| e.0 < cutoff_ms)
-                    .into_iter()
-                    .map(|e| e.1)
-                    .collect()
+                let mut over = q.len().saturating_sub(keep_max);
+                q.take_front_while(BATCH, |e| {
+                    let take = e.0 < cutoff_ms || over > 0;
+                    over = over.saturating_sub(1);
+                    take
+                })
+                .into_iter()
+                .map(|e| e.1)
+                .collect()
             };
             if keys.is_empty() {
                 return moved;

@@ -683,3 +683,79 @@ fn eviction_past_the_retention_reaches_settled_orders() {
     let acts = e.debit(m(), &debit("S-OK", a, 100), 20);
     assert_eq!(dispatch(&acts).len(), 1);
 }
+
+/// The replies of a [`lender_view`] (a repeat only answers).
+fn view_replies(view: &[Actions]) -> Vec<lm::Message> {
+    view.iter()
+        .flatten()
+        .map(|x| match x {
+            Action::Reply(r) => r.clone(),
+            other => panic!("a repeat only answers: {other:?}"),
+        })
+        .collect()
+}
+
+#[test]
+fn final_orders_beyond_the_detail_cap_settle_early_oldest_first() {
+    let e = Engine::new(
+        EngineConfig {
+            detailed_final_max: 1,
+            ..EngineConfig::default()
+        },
+        ChannelTable {
+            channels: ["A", "B"].iter().map(|c| ChannelConfig::open(c)).collect(),
+        },
+        &[7u8; 32],
+        1000,
+    );
+    let a = signed(&e, &["A", "B"]);
+    let orders = finished_orders(&e, a);
+    // One more order, accepted and sent but not answered: never settled, whatever the cap.
+    let open = e.debit(m(), &debit("S-OPEN", a, 400), 13);
+    make_durable(&e, &open);
+    let key = |o: &str| (m(), OrderId::new(o).unwrap());
+    let fields = |o: &Order| {
+        (
+            o.kind,
+            o.amount,
+            o.outcome,
+            o.attempts.clone(),
+            o.finished_at_ms,
+        )
+    };
+    let before: Vec<_> = orders
+        .iter()
+        .map(|(o, amt)| {
+            (
+                view_replies(&lender_view(&e, o, a, *amt)),
+                fields(&e.order(&key(o)).unwrap()),
+            )
+        })
+        .collect();
+    let open_before = view_replies(&lender_view(&e, "S-OPEN", a, 400));
+    // All three finished at 11-12 ms, inside the 60 s window: by age alone none moves
+    // at 1 s. With the cap of 1 the two oldest do, in the order they became durable.
+    assert_eq!(e.settle_final_orders(0, usize::MAX), 0);
+    assert_eq!(e.settle_due(1_000), 2);
+    assert_eq!((e.settled_count(), e.order_count()), (2, 4));
+    assert!(e.route_decision(&key("S-OK")).is_none(), "settled");
+    assert!(e.route_decision(&key("S-DECL")).is_none(), "settled");
+    assert!(
+        e.route_decision(&key("S-FAILOVER")).is_some(),
+        "the newest keeps its detail"
+    );
+    assert_eq!(e.settle_due(1_001), 0, "at the cap nothing more moves");
+    // Settled early or not, the lender sees exactly what it saw before.
+    for ((o, amt), (replies, was)) in orders.iter().zip(before) {
+        assert_eq!(view_replies(&lender_view(&e, o, a, *amt)), replies, "{o}");
+        assert_eq!(fields(&e.order(&key(o)).unwrap()), was, "{o}");
+    }
+    assert_eq!(
+        view_replies(&lender_view(&e, "S-OPEN", a, 400)),
+        open_before
+    );
+    // A cap of 0 compacts every final order at the next pass; the open one stays live.
+    assert_eq!(e.settle_final_orders(0, 0), 1);
+    assert_eq!((e.settled_count(), e.order_count()), (3, 4));
+    assert!(e.route_decision(&key("S-OPEN")).is_some());
+}
