@@ -221,6 +221,10 @@ start sim-profile "$B/sluice-load" --threads 1 sim --dir "$D"
 SIM_PID=$LAST
 wait_port $SIM_PORT
 wait_port $((SIM_PORT + 1))
+# An empty data directory, as for the load runs: on the series' directory sluice would
+# first replay and settle millions of orders, and the profile would show that instead of
+# the steady state (it did, up to the eleventh session).
+rm -rf "$D/data-none"
 if [ "$PROFILER" = perf ]; then
     start sluice-profile "$B/sluice" run --config "$D/sluice-none.toml"
     SLUICE_PID=$LAST
