@@ -168,7 +168,7 @@ struct Faults {
     /// difference.
     settle_after_ms: u64,
     /// Most final orders kept in full detail (`EngineConfig::detailed_final_max`); past
-    /// it the oldest settle early. Drawn from the same own stream as the window.
+    /// it the oldest settle early. Drawn from a stream of its own, as the window is.
     detailed_final_max: usize,
 }
 

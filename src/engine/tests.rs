@@ -550,16 +550,10 @@ fn settled_orders_answer_repeats_and_queries_exactly_as_before() {
     assert_eq!((e.settled_count(), e.order_count()), (3, 3));
     for ((o, amt), (view, order)) in orders.iter().zip(before) {
         let key = (m(), OrderId::new(o).unwrap());
-        let replies = |view: &[Actions]| -> Vec<lm::Message> {
-            view.iter()
-                .flatten()
-                .map(|x| match x {
-                    Action::Reply(r) => r.clone(),
-                    other => panic!("{o}: a repeat only answers: {other:?}"),
-                })
-                .collect()
-        };
-        let (after, was) = (replies(&lender_view(&e, o, a, *amt)), replies(&view));
+        let (after, was) = (
+            view_replies(&lender_view(&e, o, a, *amt)),
+            view_replies(&view),
+        );
         assert_eq!(after.len(), 3);
         assert_eq!(after, was, "{o}: the lender sees no change");
         let (now, was) = (e.order(&key).unwrap(), order.unwrap());
